@@ -1,0 +1,261 @@
+"""Streaming, memory-mapped safetensors reader and writer (no torch).
+
+Reader: tensors are numpy views of a read-only memory map, so a tensor costs memory only
+when touched. Writer: shards are planned from (name, shape, dtype) up front, so each header is
+written first and tensors are then streamed to disk one at a time, in one pass.
+Used by `calm_jax.hf` for whole models and by `merging/` for tensor-by-tensor merges.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import ml_dtypes
+import numpy as np
+
+DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+CODES = {v: k for k, v in DTYPES.items()}
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+MAX_HEADER = 100 * 1024 * 1024
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that is missing, corrupt, pickled or does not match what was expected."""
+
+
+def dtype_code(dtype) -> str:
+  dt = np.dtype(dtype)
+  if dt not in CODES:
+    raise CheckpointError(f"dtype {dt} cannot be stored in safetensors")
+  return CODES[dt]
+
+
+def parse_size(size) -> int:
+  """'2GB' / '500MB' / 123 -> bytes (decimal units, as transformers uses)."""
+  if isinstance(size, int):
+    return size
+  s = str(size).strip().upper()
+  for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6),
+                     ("KB", 10**3), ("B", 1)):
+    if s.endswith(unit):
+      return int(float(s[: -len(unit)]) * mult)
+  return int(s)
+
+
+class SafetensorsFile:
+  """One .safetensors file: validated header, tensors as memory-mapped numpy arrays."""
+
+  def __init__(self, path):
+    self.path = Path(path)
+    try:
+      size = self.path.stat().st_size
+    except FileNotFoundError:
+      raise CheckpointError(f"{self.path}: file not found") from None
+    with open(self.path, "rb") as f:
+      head = f.read(8)
+      if len(head) < 8:
+        raise CheckpointError(f"{self.path}: truncated (no safetensors header)")
+      (n,) = struct.unpack("<Q", head)
+      if n > MAX_HEADER or 8 + n > size:
+        raise CheckpointError(f"{self.path}: corrupt or truncated safetensors header (header size {n}, file size {size})")
+      try:
+        header = json.loads(f.read(n))
+      except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{self.path}: corrupt safetensors header (not JSON)") from None
+    self.metadata = header.pop("__metadata__", None) or {}
+    self.data_start = 8 + n
+    self.entries = {}
+    for name, e in header.items():
+      code = e.get("dtype")
+      if code not in DTYPES:
+        raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {code!r}")
+      shape = tuple(int(d) for d in e["shape"])
+      begin, end = (int(x) for x in e["data_offsets"])
+      if end - begin != math.prod(shape) * DTYPES[code].itemsize:
+        raise CheckpointError(f"{self.path}: tensor {name}: byte range {end - begin} does not fit shape {shape} {code}")
+      if self.data_start + end > size:
+        raise CheckpointError(f"{self.path}: truncated: tensor {name} ends at byte {self.data_start + end}, "
+                              f"file has {size}")
+      self.entries[name] = (DTYPES[code], shape, begin)
+    self._mmap = None
+
+  def keys(self) -> list[str]:
+    return list(self.entries)
+
+  def shape(self, name) -> tuple[int, ...]:
+    return self.entries[name][1]
+
+  def dtype(self, name) -> np.dtype:
+    return self.entries[name][0]
+
+  def get(self, name) -> np.ndarray:
+    """A read-only view of the tensor (no copy)."""
+    if name not in self.entries:
+      raise CheckpointError(f"{self.path}: no tensor {name}")
+    if self._mmap is None:
+      self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+    dt, shape, begin = self.entries[name]
+    off = self.data_start + begin
+    nbytes = math.prod(shape) * dt.itemsize
+    return self._mmap[off: off + nbytes].view(dt).reshape(shape)
+
+
+class CheckpointReader:
+  """All tensors of an HF model directory: `model.safetensors`, or shards + index."""
+
+  def __init__(self, model_dir):
+    self.dir = Path(model_dir)
+    if not self.dir.is_dir():
+      raise CheckpointError(f"{self.dir}: not a directory")
+    index = self.dir / INDEX_NAME
+    if index.exists():
+      try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+      except (json.JSONDecodeError, KeyError) as e:
+        raise CheckpointError(f"{index}: corrupt index ({e})") from None
+      files = sorted(set(weight_map.values()))
+    elif (self.dir / SINGLE_NAME).exists():
+      weight_map, files = None, [SINGLE_NAME]
+    else:
+      found = sorted(p.name for p in self.dir.glob("*.safetensors"))
+      pickled = sorted(p.name for p in self.dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+      if not found and pickled:
+        raise CheckpointError(f"{self.dir}: only pickled weights ({', '.join(pickled)}); pickled checkpoints are "
+                              "refused (convert them to safetensors first)")
+      if not found:
+        raise CheckpointError(f"{self.dir}: no safetensors weights found")
+      weight_map, files = None, found
+    self.files = {f: SafetensorsFile(self.dir / f) for f in files}
+    self.location: dict[str, str] = {}
+    for f, st in self.files.items():
+      for name in st.keys():
+        if name in self.location:
+          raise CheckpointError(f"{self.dir}: tensor {name} appears in both {self.location[name]} and {f}")
+        self.location[name] = f
+    if weight_map is not None:
+      for name, f in weight_map.items():
+        if self.location.get(name) != f:
+          raise CheckpointError(f"{index}: tensor {name} is listed in {f} but is not stored there")
+
+  def keys(self) -> list[str]:
+    return list(self.location)
+
+  def __contains__(self, name) -> bool:
+    return name in self.location
+
+  def file_of(self, name) -> Path:
+    return self.dir / self.location[name]
+
+  def shape(self, name):
+    return self.files[self.location[name]].shape(name)
+
+  def dtype(self, name):
+    return self.files[self.location[name]].dtype(name)
+
+  def get(self, name) -> np.ndarray:
+    if name not in self.location:
+      raise CheckpointError(f"{self.dir}: missing tensor {name}")
+    return self.files[self.location[name]].get(name)
+
+  def nbytes(self) -> int:
+    return sum(math.prod(s.shape(n)) * s.dtype(n).itemsize for s in self.files.values() for n in s.keys())
+
+
+def plan_shards(specs: Iterable[tuple[str, tuple, np.dtype]], max_shard_bytes: int) -> list[list[tuple]]:
+  """Greedy split of tensors, in order, into shards of at most max_shard_bytes (a bigger tensor gets its own)."""
+  shards, cur, cur_bytes = [], [], 0
+  for name, shape, dtype in specs:
+    nb = math.prod(shape) * np.dtype(dtype).itemsize
+    if cur and cur_bytes + nb > max_shard_bytes:
+      shards.append(cur)
+      cur, cur_bytes = [], 0
+    cur.append((name, tuple(shape), np.dtype(dtype)))
+    cur_bytes += nb
+  if cur or not shards:
+    shards.append(cur)
+  return shards
+
+
+class ShardedWriter:
+  """Writes tensors, in the planned order, into HF-named shards plus the index.
+
+  `write(name, array)` must be called once per planned tensor, in order; `close()` writes the
+  index (only when there is more than one shard, as transformers does).
+  """
+
+  def __init__(self, out_dir, specs, max_shard_size="2GB", metadata=None):
+    self.dir = Path(out_dir)
+    self.metadata = {"format": "pt", **(metadata or {})}
+    self.shards = plan_shards(specs, parse_size(max_shard_size))
+    n = len(self.shards)
+    self.names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    self.order = [(i, s) for i, shard in enumerate(self.shards) for s in shard]
+    self.pos = 0
+    self.file = None
+    self.weight_map: dict[str, str] = {}
+    self.total = 0
+
+  def _open(self, i):
+    header, off = {}, 0
+    for name, shape, dt in self.shards[i]:
+      nb = math.prod(shape) * dt.itemsize
+      header[name] = {"dtype": dtype_code(dt), "shape": list(shape), "data_offsets": [off, off + nb]}
+      off += nb
+    header["__metadata__"] = self.metadata
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    self.file = open(self.dir / self.names[i], "wb")
+    self.file.write(struct.pack("<Q", len(blob)) + blob)
+    self.shard_index = i
+
+  def write(self, name, array) -> None:
+    if self.pos >= len(self.order):
+      raise CheckpointError(f"unexpected tensor {name}: all planned tensors are written")
+    i, (want, shape, dt) = self.order[self.pos]
+    arr = np.asarray(array)
+    if name != want or arr.shape != shape or arr.dtype != dt:
+      raise CheckpointError(f"writer expected tensor {want} {shape} {dt}, got {name} {arr.shape} {arr.dtype}")
+    if self.file is None or self.shard_index != i:
+      if self.file is not None:
+        self.file.close()
+      self._open(i)
+    self.file.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)  # no copy
+    self.weight_map[name] = self.names[i]
+    self.total += arr.nbytes
+    self.pos += 1
+
+  def close(self) -> None:
+    if self.pos != len(self.order):
+      missing = [s[0] for _, s in self.order[self.pos:]]
+      raise CheckpointError(f"writer closed with {len(missing)} tensors unwritten: {missing[:5]}")
+    if self.file is not None:
+      self.file.close()
+      self.file = None
+    if len(self.names) > 1:
+      index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}
+      (self.dir / INDEX_NAME).write_text(json.dumps(index, indent=2))
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, *a):
+    if exc_type is None:
+      self.close()
+    elif self.file is not None:
+      self.file.close()
+
+
+def iter_tensors(reader: CheckpointReader) -> Iterator[tuple[str, np.ndarray]]:
+  for name in reader.keys():
+    yield name, reader.get(name)

@@ -1,0 +1,34 @@
+"""calm_jax: combining language models in JAX/Flax (MetaGPT merging, CALM, Transformer², MoA)."""
+from setuptools import find_packages, setup
+
+RUNTIME = [
+    "jax>=0.8.1",
+    "flax>=0.12.4",
+    "optax",
+    "orbax-checkpoint",
+    "ml_collections",
+    "absl-py",
+    "safetensors",
+    "numpy",
+    "tqdm",
+    "matplotlib",
+    "tensorboardX",
+    "pyyaml",
+    # Tokenizers and config objects only; the PyTorch models are never imported at run time.
+    "transformers>=4.46",
+]
+# torch is pinned to the local CPU build: an unpinned torch pulls GBs of CUDA wheels.
+TORCH = "torch==2.13.0"
+
+setup(
+    name="calm_jax",
+    version="0.1.0",
+    description=__doc__,
+    python_requires=">=3.11",
+    packages=find_packages(include=["calm_jax*", "merging*", "svf*", "moa*", "launch*", "configs*"]),
+    install_requires=RUNTIME,
+    extras_require={
+        "test": [TORCH, "pytest", "pytest-timeout", "accelerate"],
+        "bench": [TORCH, "accelerate", "psutil"],
+    },
+)
