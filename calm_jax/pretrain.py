@@ -1,0 +1,69 @@
+"""The embedded default base: a small llama-family decoder trained on the synthetic suite.
+
+Every method's demo starts from this base (`DIR/hf`). A workdir with a finished base is
+reused (config.reuse), so `make demo` trains it once.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from calm_jax import hf
+from calm_jax.experiment import bar_chart, build_decoder, print_table, suite_accuracy, write_results
+from calm_jax.registry import register_method
+from calm_jax.tasks import Mixture, max_seq_len
+from calm_jax.tokenizers import CharTokenizer
+from calm_jax.train import lm_loss, train
+
+
+def lm_batch_loss(model, batch, rng):
+  """Next-token loss on answer tokens; the model sees right-padded rows."""
+  logits = model(batch["inputs"], batch["attention_mask"])
+  return lm_loss(logits, batch["targets"], batch["loss_mask"])
+
+
+def mixture_batches(config, tokenizer, seq_len=None):
+  mixture = Mixture(dict(config.data.tasks), seed=int(config.seed))
+  seq_len = seq_len or int(config.data.get("seq_len", 0)) or max_seq_len(list(mixture.domains))
+  return mixture, seq_len, lambda step: mixture.batch(step, int(config.batch_size), tokenizer, seq_len)
+
+
+@register_method("pretrain")
+def run(config, workdir) -> dict:
+  workdir = Path(workdir)
+  results_path = workdir / "results.json"
+  hf_dir = workdir / "hf"
+  if config.get("reuse", False) and results_path.exists() and (hf_dir / "config.json").exists():
+    print(f"reusing the finished base in {hf_dir}")
+    return json.loads(results_path.read_text())
+  t0 = time.time()
+  tokenizer = CharTokenizer()
+  tasks = [t for t, w in dict(config.data.tasks).items() if w > 0]
+  model = build_decoder(config.model, tokenizer, int(config.seed))
+  _, _, batch_fn = mixture_batches(config, tokenizer)
+
+  def eval_fn(m, step):
+    acc = suite_accuracy(m, tokenizer, tasks, n_per_task=min(50, config.eval.n_per_task), split="val",
+                         batch_size=config.eval.batch_size)
+    return {"val_accuracy": acc["overall"]}
+
+  result = train(model, loss_fn=lm_batch_loss, batch_fn=batch_fn, config=config, workdir=workdir,
+                 eval_fn=eval_fn, meta={"model": json.dumps(dict(config.model), sort_keys=True)})
+  acc = suite_accuracy(result.model, tokenizer, tasks, n_per_task=config.eval.n_per_task,
+                       split=config.eval.split, batch_size=config.eval.batch_size)
+  if jax.process_index() == 0:
+    hf.save(result.model, hf_dir, overwrite=True, max_shard_size="2GB")
+    tokenizer.save(hf_dir)
+  out = {"accuracy": acc, "seconds": time.time() - t0, "steps": result.step,
+         "final_loss": result.metrics.get("loss"),
+         "params": int(sum(np.size(x) for x in jax.tree.leaves(result.model.params())))}
+  write_results(workdir, out)
+  bar_chart(workdir / "results.png", {"base": {k: v for k, v in acc.items() if k != "overall"}},
+            f"tiny base ({out['params']:,} params): test exact-match accuracy")
+  print_table("tiny base, test accuracy (%)", {"base": acc})
+  print(f"results: {results_path}  chart: {workdir / 'results.png'}  model: {hf_dir}")
+  return out

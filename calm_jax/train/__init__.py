@@ -1,0 +1,6 @@
+"""The shared trainer, optimizer, checkpoints and metrics."""
+from calm_jax.train.checkpoint import CheckpointMismatchError, Checkpointer
+from calm_jax.train.metrics import MetricWriter, NonFiniteError, read_metrics
+from calm_jax.train.losses import lm_loss
+from calm_jax.train.optim import make_optimizer
+from calm_jax.train.trainer import TrainResult, split_trainable, train, trainable_filter

@@ -1,0 +1,185 @@
+"""The one training loop every method uses.
+
+A method hands over an NNX model, a loss `loss_fn(model, batch, rng) -> (loss, metrics)` and a
+deterministic `batch_fn(step) -> numpy batch`. The trainer splits the model into the
+trainable state (the Variable types named in `config.trainable`, minus `config.frozen`
+regexes) and the frozen rest: gradients and optimizer state exist only for the former, the
+latter travels through the jitted step untouched. State is sharded on the config's mesh,
+checkpointed with orbax (trainable + optimizer + step; the data position is the step), and
+resumed from the workdir.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from calm_jax import sharding
+from calm_jax.fingerprint import structure_fingerprint
+from calm_jax.train.checkpoint import Checkpointer
+from calm_jax.train.losses import lm_loss  # noqa: F401  (re-exported)
+from calm_jax.train.metrics import MetricWriter, check_finite
+from calm_jax.train.optim import make_optimizer
+from calm_jax.variables import variable_type
+
+
+@dataclasses.dataclass
+class TrainResult:
+  model: nnx.Module
+  step: int
+  metrics: dict
+  eval: dict
+  seconds: float
+  resumed_from: int | None
+
+
+def path_name(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def trainable_filter(trainable_types, frozen_regexes=()):
+  """NNX filter: exact Variable type in `trainable_types`, path matching no frozen regex."""
+  types = tuple(variable_type(t) if isinstance(t, str) else t for t in trainable_types)
+  pats = [re.compile(r) for r in frozen_regexes]
+
+  def filt(path, var):
+    if type(var) not in types:
+      return False
+    name = path_name(path)
+    return not any(p.fullmatch(name) for p in pats)
+
+  return filt
+
+
+def config_to_json(config) -> str:
+  try:
+    return config.to_json_best_effort(indent=2, sort_keys=True)
+  except AttributeError:
+    return json.dumps(config, indent=2, default=str)
+
+
+def split_trainable(model, filt):
+  graphdef, trainable, frozen = nnx.split(model, filt, ...)
+  if not jax.tree.leaves(trainable):
+    raise ValueError("no trainable parameters: config.trainable / config.frozen select nothing in this model")
+  return graphdef, trainable, frozen
+
+
+def train(model: nnx.Module, *, loss_fn: Callable, batch_fn: Callable[[int], dict], config, workdir,
+          eval_fn: Callable[[nnx.Module, int], dict] | None = None, meta: dict | None = None,
+          mesh=None, quiet: bool = False) -> TrainResult:
+  """Trains `model` for `config.steps` steps; resumes from `workdir/checkpoints` if present.
+
+  Config keys: steps, batch_size, seed, trainable (type names), frozen (regexes), optimizer
+  (see optim.make_optimizer), mesh, rules, log_every, eval_every, checkpoint.every,
+  checkpoint.keep, tensorboard.
+  """
+  t0 = time.time()
+  workdir = Path(workdir)
+  mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
+  rules = tuple(tuple(r) for r in config.get("rules", [])) + tuple(sharding.DEFAULT_RULES)  # first match wins
+  dp = sharding.data_parallel_size(mesh)
+  if int(config.batch_size) % dp:
+    raise sharding.ShardingError(f"batch_size {config.batch_size} is not divisible by the data-parallel size {dp} "
+                                 f"(mesh {dict(zip(mesh.axis_names, mesh.axis_sizes))})")
+  filt = trainable_filter(config.get("trainable", ["Param"]), config.get("frozen", []))
+  graphdef, trainable, frozen = split_trainable(model, filt)
+
+  meta = {**(meta or {}), "method": config.get("method", ""),
+          "trainable": structure_fingerprint(nnx.to_pure_dict(trainable)),
+          "frozen": structure_fingerprint(nnx.to_pure_dict(frozen))}
+  ckpt = Checkpointer(workdir, every=config.checkpoint.every, keep=config.checkpoint.keep, meta=meta)
+  ckpt.check_compatible()
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config_to_json(config))
+
+  trainable = jax.device_put(trainable, sharding.shardings_for_state(trainable, mesh, rules))
+  frozen = jax.device_put(frozen, sharding.shardings_for_state(frozen, mesh, rules))
+  total = int(config.steps)
+  tx = make_optimizer(config.optimizer, total)
+  opt_state = jax.jit(tx.init)(trainable)
+  t_sh = jax.tree.map(lambda x: x.sharding, trainable)
+  o_sh = jax.tree.map(lambda x: x.sharding, opt_state)
+  f_sh = jax.tree.map(lambda x: x.sharding, frozen)
+
+  start = 0
+  resumed = None
+  restored = ckpt.restore({"trainable": nnx.to_pure_dict(trainable), "opt_state": opt_state,
+                           "step": np.zeros((), np.int64), "data_position": np.zeros((), np.int64)})
+  if restored is not None:
+    nnx.replace_by_pure_dict(trainable, restored["trainable"])
+    trainable = jax.device_put(trainable, t_sh)
+    opt_state = jax.device_put(restored["opt_state"], o_sh)
+    start = resumed = int(restored["step"])
+    if not quiet:
+      print(f"resumed from {ckpt.dir} at step {start}")
+
+  base_key = jax.random.key(int(config.get("seed", 0)))
+  batch_sh = sharding.batch_sharding(mesh)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1), out_shardings=(t_sh, o_sh, None),
+                     in_shardings=(t_sh, o_sh, f_sh, batch_sh, None))
+  def step_fn(trainable, opt_state, frozen, batch, rng):
+    def loss_of(tr):
+      return loss_fn(nnx.merge(graphdef, tr, frozen), batch, rng)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    return trainable, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **metrics}
+
+  writer = MetricWriter(workdir, tensorboard=config.get("tensorboard", True))
+  log_every = int(config.get("log_every", 50))
+  eval_every = int(config.get("eval_every", 0))
+  metrics: dict[str, Any] = {}
+  evals: dict[str, Any] = {}
+  bar = tqdm(range(start, total), initial=start, total=total, desc=config.get("method", "train"),
+             disable=quiet or jax.process_index() != 0, mininterval=2.0)
+  with jax.set_mesh(mesh):
+    for step in bar:
+      batch = sharding.shard_batch(process_rows(batch_fn(step)), mesh)
+      trainable, opt_state, m = step_fn(trainable, opt_state, frozen, batch, jax.random.fold_in(base_key, step))
+      done = step + 1
+      if done % log_every == 0 or done == total:
+        metrics = {k: float(v) for k, v in jax.device_get(m).items()}
+        check_finite(done, metrics)
+        metrics["lr"] = float(make_lr(config, total)(step))
+        writer.write(done, metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+      if eval_fn is not None and eval_every and (done % eval_every == 0 or done == total):
+        evals = eval_fn(nnx.merge(graphdef, trainable, frozen), done)
+        writer.write(done, {f"eval/{k}": v for k, v in evals.items()})
+        if not quiet:
+          tqdm.write(f"step {done}: " + ", ".join(f"{k}={v:.4f}" for k, v in evals.items()))
+      ckpt.maybe_save(done, {"trainable": nnx.to_pure_dict(trainable), "opt_state": opt_state,
+                             "step": np.asarray(done, np.int64), "data_position": np.asarray(done, np.int64)},
+                      force=done == total)
+  writer.close()
+  ckpt.close()
+  model = nnx.merge(graphdef, trainable, frozen)
+  return TrainResult(model, total, metrics, evals, time.time() - t0, resumed)
+
+
+def process_rows(batch):
+  """This process's rows of a global batch (all of it on one host)."""
+  n, i = jax.process_count(), jax.process_index()
+  if n == 1:
+    return batch
+  return jax.tree.map(lambda x: x[i * (x.shape[0] // n):(i + 1) * (x.shape[0] // n)], batch)
+
+
+def make_lr(config, total):
+  from calm_jax.train.optim import schedule
+  return schedule(config.optimizer, total)

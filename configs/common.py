@@ -1,0 +1,63 @@
+"""Helpers shared by every config file: `parse_arg` for `file.py:variant=x,flag` arguments,
+and the common defaults (mesh, logical rules, checkpointing, logging)."""
+from __future__ import annotations
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, lazy: bool = False, **spec) -> ml_collections.ConfigDict:
+  """Parses `"a=1,flag,b=x"` into a ConfigDict typed like the defaults in `spec`.
+
+  A bare name sets a bool to True; a bare value goes to the first key of spec. Unknown keys
+  raise (unless lazy) so a typo in a variant name fails.
+  """
+  out = ml_collections.ConfigDict(dict(spec))
+  if not arg:
+    return out
+  first = next(iter(spec), None)
+  for i, part in enumerate(p for p in arg.split(",") if p):
+    if "=" in part:
+      key, value = part.split("=", 1)
+    elif part in spec and isinstance(spec[part], bool):
+      key, value = part, "True"
+    elif i == 0 and first is not None:
+      key, value = first, part
+    else:
+      key, value = part, "True"
+    if key not in spec:
+      if lazy:
+        out[key] = value
+        continue
+      raise ValueError(f"unknown config argument {key!r}; known: {', '.join(spec)}")
+    default = spec[key]
+    if isinstance(default, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"config argument {key}={value!r} is not a bool")
+      out[key] = value.lower() in ("true", "1")
+    elif isinstance(default, int):
+      out[key] = int(value)
+    elif isinstance(default, float):
+      out[key] = float(value)
+    else:
+      out[key] = value
+  return out
+
+
+def add_common(c: ml_collections.ConfigDict, *, steps: int, batch_size: int) -> ml_collections.ConfigDict:
+  """Training defaults every training config shares; files override what they need."""
+  c.seed = 0
+  c.steps = steps
+  c.batch_size = batch_size
+  c.trainable = ["Param"]
+  c.frozen = []  # regexes of parameter paths kept frozen although their type trains
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="adamw", lr=1e-3, schedule="cosine", warmup_steps=0, final_lr_fraction=0.0,
+      weight_decay=0.0, clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8))
+  # (mesh axis, size); -1 takes the remaining devices.
+  c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
+  c.rules = []  # [(logical axis, mesh axis or None)] overriding calm_jax.sharding.DEFAULT_RULES
+  c.log_every = 50
+  c.eval_every = 0
+  c.tensorboard = True
+  c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=2))
+  return c

@@ -1,0 +1,9 @@
+"""The method packages that register into `calm_jax.registry` (imported by the entry points)."""
+import importlib
+
+METHOD_MODULES = ("calm_jax.pretrain",)
+
+
+def import_methods() -> None:
+  for name in METHOD_MODULES:
+    importlib.import_module(name)
