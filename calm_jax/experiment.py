@@ -27,7 +27,7 @@ def decoder_config(model_cfg, tokenizer) -> DecoderConfig:
 
 def build_decoder(model_cfg, tokenizer, seed: int) -> Decoder:
   cfg = decoder_config(model_cfg, tokenizer)
-  params = init_params(cfg, jax.random.key(seed), DTYPES[model_cfg.get("dtype", "float32")],
+  params = init_params(cfg, seed, DTYPES[model_cfg.get("dtype", "float32")],
                        std=float(model_cfg.get("init_std", 0.02)))
   return Decoder(cfg, params=params)
 

@@ -91,18 +91,23 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def init_params(cfg: DecoderConfig, key, dtype=jnp.float32, std: float = 0.02) -> dict[str, Any]:
-  """Random parameters (normal(0, std) kernels, unit norms, zero biases) as a nested dict."""
-  specs = param_specs(cfg)
-  keys = jax.random.split(key, len(specs))
+def init_params(cfg: DecoderConfig, seed=0, dtype=jnp.float32, std: float = 0.02) -> dict[str, Any]:
+  """Random parameters (normal(0, std) kernels, unit norms, zero biases) as a nested dict.
+
+  Drawn on the host with numpy (no XLA compile per shape); `seed` is an int or a jax key.
+  """
+  if not isinstance(seed, (int, np.integer)):
+    seed = np.asarray(jax.random.key_data(seed)).astype(np.uint32).tolist()
+  rng = np.random.default_rng(seed)
   flat = {}
-  for k, (name, spec) in zip(keys, sorted(specs.items())):
+  for name, spec in sorted(param_specs(cfg).items()):
     if spec.init == "normal":
-      flat[name] = (std * jax.random.normal(k, spec.shape, jnp.float32)).astype(dtype)
+      value = (std * rng.standard_normal(spec.shape, dtype=np.float32))
     elif spec.init == "ones":
-      flat[name] = jnp.ones(spec.shape, dtype)
+      value = np.ones(spec.shape, np.float32)
     else:
-      flat[name] = jnp.zeros(spec.shape, dtype)
+      value = np.zeros(spec.shape, np.float32)
+    flat[name] = jnp.asarray(value, dtype)
   return nest(flat)
 
 
@@ -258,8 +263,7 @@ class Decoder(nnx.Module):
                params: dict[str, Any] | None = None):
     self.config = config
     if params is None:
-      key = rngs.params() if rngs is not None else jax.random.key(0)
-      params = init_params(config, key, dtype)
+      params = init_params(config, rngs.params() if rngs is not None else 0, dtype)
     specs = param_specs(config)
     flat = flatten(params)
     missing = sorted(set(specs) - set(flat))

@@ -109,9 +109,14 @@ def train(model: nnx.Module, *, loss_fn: Callable, batch_fn: Callable[[int], dic
   frozen = jax.device_put(frozen, sharding.shardings_for_state(frozen, mesh, rules))
   total = int(config.steps)
   tx = make_optimizer(config.optimizer, total)
-  opt_state = jax.jit(tx.init)(trainable)
+  with jax.set_mesh(mesh):
+    opt_state = jax.jit(tx.init)(trainable)
+  replicated = jax.sharding.NamedSharding(mesh, jax.P())
   t_sh = jax.tree.map(lambda x: x.sharding, trainable)
-  o_sh = jax.tree.map(lambda x: x.sharding, opt_state)
+  # Scalars (step counts) come out of init without a mesh: pin every leaf to one on `mesh`.
+  o_sh = jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding)
+                      and x.sharding.mesh == mesh else replicated, opt_state)
+  opt_state = jax.device_put(opt_state, o_sh)
   f_sh = jax.tree.map(lambda x: x.sharding, frozen)
 
   start = 0
@@ -138,7 +143,7 @@ def train(model: nnx.Module, *, loss_fn: Callable, batch_fn: Callable[[int], dic
     (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
-    return trainable, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **metrics}
+    return trainable, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
 
   writer = MetricWriter(workdir, tensorboard=config.get("tensorboard", True))
   log_every = int(config.get("log_every", 50))
