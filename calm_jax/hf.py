@@ -146,6 +146,8 @@ def load(path, dtype: str | None = "float32", check_finite: bool = True) -> Deco
 def save_params(cfg: DecoderConfig, params: dict, out_dir, *, max_shard_size="2GB", dtype: str | None = None,
                 copy_from=None, overwrite: bool = False, extra_files: dict[str, Any] | None = None) -> Path:
   """Writes an HF directory (config.json, safetensors shards + index) atomically."""
+  if dtype is not None and dtype not in DTYPE_NAMES:
+    raise ConfigError(f"dtype {dtype!r}: expected one of {', '.join(DTYPE_NAMES)}")
   flat = flatten(jax.device_get(params))
   specs = param_specs(cfg)
   target = np.dtype(DTYPE_NAMES[dtype]) if dtype else None

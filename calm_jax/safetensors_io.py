@@ -73,15 +73,22 @@ class SafetensorsFile:
         header = json.loads(f.read(n))
       except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{self.path}: corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+      raise CheckpointError(f"{self.path}: corrupt safetensors header (not a JSON object)")
     self.metadata = header.pop("__metadata__", None) or {}
     self.data_start = 8 + n
     self.entries = {}
     for name, e in header.items():
-      code = e.get("dtype")
+      code = e.get("dtype") if isinstance(e, dict) else None
       if code not in DTYPES:
         raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {code!r}")
-      shape = tuple(int(d) for d in e["shape"])
-      begin, end = (int(x) for x in e["data_offsets"])
+      try:
+        shape = tuple(int(d) for d in e["shape"])
+        begin, end = (int(x) for x in e["data_offsets"])
+      except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{self.path}: tensor {name}: corrupt header entry {json.dumps(e)}") from None
+      if min(shape, default=0) < 0 or not 0 <= begin <= end:
+        raise CheckpointError(f"{self.path}: tensor {name}: corrupt header entry {json.dumps(e)}")
       if end - begin != math.prod(shape) * DTYPES[code].itemsize:
         raise CheckpointError(f"{self.path}: tensor {name}: byte range {end - begin} does not fit shape {shape} {code}")
       if self.data_start + end > size:
@@ -121,9 +128,11 @@ class CheckpointReader:
     index = self.dir / INDEX_NAME
     if index.exists():
       try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-      except (json.JSONDecodeError, KeyError) as e:
-        raise CheckpointError(f"{index}: corrupt index ({e})") from None
+        weight_map = json.loads(index.read_bytes())["weight_map"]
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+          raise TypeError("weight_map must map tensor names to file names")
+      except (ValueError, KeyError, TypeError, AttributeError) as e:  # ValueError: bad JSON or UTF-8
+        raise CheckpointError(f"{index}: corrupt index ({type(e).__name__}: {e})") from None
       files = sorted(set(weight_map.values()))
     elif (self.dir / SINGLE_NAME).exists():
       weight_map, files = None, [SINGLE_NAME]

@@ -90,22 +90,29 @@ class DecoderConfig:
       raise ConfigError("partial_rotary_factor != 1 is not supported")
     theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
 
-    window = d.get("sliding_window")
-    layer_types = d.get("layer_types")
-    if layer_types is not None:
+    # Sliding windows as transformers' modeling code applies them (defaults are its config defaults):
+    # mistral windows every layer and ignores layer_types; qwen2 windows the layers that layer_types
+    # (or, without it, max_window_layers) marks, and only with use_sliding_window; llama never.
+    windows = (0,) * n_layers
+    if mt == "mistral":
+      window = d.get("sliding_window", 4096)
+      windows = (int(window or 0),) * n_layers
+    elif mt == "qwen2":
+      window = d.get("sliding_window", 4096) if d.get("use_sliding_window", False) else None
+      layer_types = d.get("layer_types")
+      if layer_types is None:
+        mwl = d.get("max_window_layers", 28)
+        layer_types = ["sliding_attention" if window is not None and i >= mwl else "full_attention"
+                       for i in range(n_layers)]
       if len(layer_types) != n_layers:
         raise ConfigError(f"layer_types has {len(layer_types)} entries for {n_layers} layers")
       bad = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
       if bad:
         raise ConfigError(f"layer_types {bad} are not supported")
-      windows = tuple(int(window) if t == "sliding_attention" and window else 0 for t in layer_types)
-    elif mt == "mistral" and window:
-      windows = (int(window),) * n_layers
-    elif mt == "qwen2" and d.get("use_sliding_window") and window:
-      mwl = d.get("max_window_layers", n_layers)
-      windows = tuple(int(window) if i >= mwl else 0 for i in range(n_layers))
-    else:
-      windows = (0,) * n_layers
+      if "sliding_attention" in layer_types and not window:
+        raise ConfigError("layer_types has sliding_attention layers but no sliding window "
+                          "(use_sliding_window is false or sliding_window is null)")
+      windows = tuple(int(window) if t == "sliding_attention" else 0 for t in layer_types)
 
     eos = d.get("eos_token_id")
     eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
@@ -144,9 +151,14 @@ class DecoderConfig:
     with open(path) as f:
       try:
         d = json.load(f)
-      except json.JSONDecodeError as e:
+      except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    return cls.from_hf(d)
+    if not isinstance(d, dict):
+      raise ConfigError(f"{path}: not a JSON object")
+    try:
+      return cls.from_hf(d)
+    except ConfigError as e:
+      raise ConfigError(f"{path}: {e}") from None
 
   def to_hf(self) -> dict[str, Any]:
     """The HF config.json dict: the original keys, with our fields written over them."""
@@ -181,6 +193,10 @@ class DecoderConfig:
     if windows:
       if len(windows) > 1:
         raise ConfigError("layers with different sliding windows cannot be written to config.json")
+      if self.model_type == "llama":
+        raise ConfigError("llama has no sliding-window attention in transformers (use mistral or qwen2)")
+      if self.model_type == "mistral" and 0 in self.layer_windows:
+        raise ConfigError("mistral windows every layer in transformers; mixed full/sliding layers need qwen2")
       d["sliding_window"] = windows.pop()
       if self.model_type != "mistral":
         d["layer_types"] = ["sliding_attention" if w else "full_attention" for w in self.layer_windows]
