@@ -15,7 +15,7 @@ import numpy as np
 from calm_jax import hf
 from calm_jax.experiment import bar_chart, build_decoder, print_table, suite_accuracy, write_results
 from calm_jax.registry import register_method
-from calm_jax.tasks import Mixture, max_seq_len
+from calm_jax.tasks import Mixture, get_task, max_seq_len
 from calm_jax.tokenizers import CharTokenizer
 from calm_jax.train import lm_loss, train
 
@@ -26,9 +26,15 @@ def lm_batch_loss(model, batch, rng):
   return lm_loss(logits, batch["targets"], batch["loss_mask"])
 
 
+def task_registry(config) -> dict:
+  """Tasks configured by `config.data.task_args` ({task: {argument: value}}), e.g. fewer digits."""
+  args = config.data.get("task_args", None) or {}
+  return {name: get_task(name, **dict(kw)) for name, kw in dict(args).items()}
+
+
 def mixture_batches(config, tokenizer, seq_len=None):
-  mixture = Mixture(dict(config.data.tasks), seed=int(config.seed))
-  seq_len = seq_len or int(config.data.get("seq_len", 0)) or max_seq_len(list(mixture.domains))
+  mixture = Mixture(dict(config.data.tasks), seed=int(config.seed), registry=task_registry(config))
+  seq_len = seq_len or int(config.data.get("seq_len", 0)) or max_seq_len(list(mixture.tasks.values()))
   return mixture, seq_len, lambda step: mixture.batch(step, int(config.batch_size), tokenizer, seq_len)
 
 
@@ -43,18 +49,19 @@ def run(config, workdir) -> dict:
   t0 = time.time()
   tokenizer = CharTokenizer()
   tasks = [t for t, w in dict(config.data.tasks).items() if w > 0]
+  registry = task_registry(config)
   model = build_decoder(config.model, tokenizer, int(config.seed))
   _, _, batch_fn = mixture_batches(config, tokenizer)
 
   def eval_fn(m, step):
     acc = suite_accuracy(m, tokenizer, tasks, n_per_task=min(50, config.eval.n_per_task), split="val",
-                         batch_size=config.eval.batch_size)
+                         batch_size=config.eval.batch_size, registry=registry)
     return {"val_accuracy": acc["overall"]}
 
   result = train(model, loss_fn=lm_batch_loss, batch_fn=batch_fn, config=config, workdir=workdir,
                  eval_fn=eval_fn, meta={"model": json.dumps(dict(config.model), sort_keys=True)})
   acc = suite_accuracy(result.model, tokenizer, tasks, n_per_task=config.eval.n_per_task,
-                       split=config.eval.split, batch_size=config.eval.batch_size)
+                       split=config.eval.split, batch_size=config.eval.batch_size, registry=registry)
   if jax.process_index() == 0:
     hf.save(result.model, hf_dir, overwrite=True, max_shard_size="2GB")
     tokenizer.save(hf_dir)

@@ -22,7 +22,9 @@ def get_config(arg=None):
       model_type="llama", hidden_size=128, intermediate_size=384, num_hidden_layers=4,
       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rope_theta=10000.0,
       tie_word_embeddings=False, init_std=0.02, dtype="float32"))
-  c.data = ml_collections.ConfigDict(dict(tasks={t: 1.0 for t in TASKS}, seq_len=0))  # 0: longest example
+  # seq_len 0: the longest example. task_args configure tasks, e.g. {"addition": {"max_digits": 2}}.
+  c.data = ml_collections.ConfigDict(dict(tasks={t: 1.0 for t in TASKS}, seq_len=0,
+                                          task_args={"addition": {"max_digits": 2}, "subtraction": {"max_digits": 2}}))
   c.optimizer.lr = 3e-3
   c.optimizer.warmup_steps = 100
   c.optimizer.weight_decay = 0.01

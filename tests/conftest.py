@@ -1,0 +1,53 @@
+"""Test session setup: 8 fake CPU devices, fp32 defaults, shared tiny-model fixtures.
+
+The device count must be fixed before any JAX backend starts, so it is set here at import
+time (pytest imports conftest.py before any test module). `jax_num_cpu_devices` is used
+rather than `XLA_FLAGS=--xla_force_host_platform_device_count`: it is the documented JAX
+option, and it does not leak into subprocesses that tests start (they pick their own count).
+Single-device code is unaffected: un-sharded arrays live on device 0 and computations run
+there as before.
+"""
+import jax
+
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_enable_x64", False)
+
+import pytest  # noqa: E402
+
+# initializer_range 0.1 (not HF's 0.02) so logits are O(1) and comparisons against the
+# reference mean something (the reasoning in tests/hf_zoo.py).
+TINY_LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=64, max_position_embeddings=128, initializer_range=0.1)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A tiny random `transformers` LlamaForCausalLM saved with `save_pretrained` (safetensors).
+
+    hidden 32, 2 layers, 4 heads, 2 kv heads, vocab 64; seeded, so every session builds the
+    same weights. Returns the directory path.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**TINY_LLAMA, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    path = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def fast_compile():
+    """Compiles with most XLA optimisations off while the test runs.
+
+    Roughly halves compile time of the tiny models, whose run time is negligible; the
+    numerics stay fp32 (compare results computed under the same setting). Use in test
+    modules dominated by compiles: `pytestmark = pytest.mark.usefixtures("fast_compile")`.
+    """
+    old = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)
