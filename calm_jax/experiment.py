@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from calm_jax.atomic import atomic_write_text
-from calm_jax.models import Decoder, DecoderConfig, init_params
+from calm_jax.models import Decoder, DecoderConfig, init_params, nest, param_specs
 from calm_jax.tasks import evaluate, make_eval_set
 from calm_jax.tokenizers import CharTokenizer
 
@@ -25,11 +25,31 @@ def decoder_config(model_cfg, tokenizer) -> DecoderConfig:
                             eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, **d)
 
 
-def build_decoder(model_cfg, tokenizer, seed: int) -> Decoder:
+def random_params(cfg: DecoderConfig, key, dtype, std: float):
+  """Random parameters drawn on device (jax.random): jit-able, so they can be born sharded."""
+  specs = sorted(param_specs(cfg).items())
+  keys = jax.random.split(key, len(specs))
+  flat = {}
+  for k, (name, spec) in zip(keys, specs):
+    if spec.init == "normal":
+      flat[name] = (std * jax.random.normal(k, spec.shape, jnp.float32)).astype(dtype)
+    else:
+      flat[name] = (jnp.ones if spec.init == "ones" else jnp.zeros)(spec.shape, dtype)
+  return nest(flat)
+
+
+def build_decoder(model_cfg, tokenizer, seed: int, mesh=None, rules=None) -> Decoder:
+  """A randomly initialised decoder; with a mesh, created already sharded by the logical rules
+  (eval_shape -> shardings -> jitted init), so no device ever holds the whole model."""
   cfg = decoder_config(model_cfg, tokenizer)
-  params = init_params(cfg, seed, DTYPES[model_cfg.get("dtype", "float32")],
-                       std=float(model_cfg.get("init_std", 0.02)))
-  return Decoder(cfg, params=params)
+  dtype = DTYPES[model_cfg.get("dtype", "float32")]
+  std = float(model_cfg.get("init_std", 0.02))
+  if mesh is None:
+    return Decoder(cfg, params=init_params(cfg, seed, dtype, std=std))
+  from calm_jax import sharding
+  shardings = sharding.param_shardings(cfg, mesh, rules or sharding.DEFAULT_RULES)
+  init = jax.jit(random_params, static_argnums=(0, 2, 3), out_shardings=shardings)
+  return Decoder(cfg, params=init(cfg, jax.random.key(seed), dtype, std))
 
 
 def suite_accuracy(model, tokenizer, tasks, *, n_per_task: int, split: str = "test", batch_size: int = 256,
@@ -40,6 +60,22 @@ def suite_accuracy(model, tokenizer, tasks, *, n_per_task: int, split: str = "te
   gen = functools.partial(generate, model, temperature=0.0, **(generate_kwargs or {}))
   return evaluate(lambda prompts, n: gen(prompts, max_new_tokens=n), tokenizer, examples,
                   batch_size=batch_size, registry=registry)
+
+
+def majority_baseline(tasks, *, n_per_task: int, split: str = "test", registry=None) -> dict[str, float]:
+  """Chance level per task: accuracy of always answering the train split's most common answer."""
+  from collections import Counter
+
+  from calm_jax.tasks import get_task
+  out = {}
+  for name in tasks:
+    task = (registry or {}).get(name) or get_task(name)
+    train = Counter(ex.answer for ex in task.split("train", min(2000, task.num_prompts or 2000), seed=0))
+    mode = train.most_common(1)[0][0]
+    n = n_per_task if task.num_prompts is None else min(n_per_task, task.num_prompts)
+    test = task.split(split, n, seed=0)
+    out[name] = sum(ex.answer == mode for ex in test) / len(test)
+  return out
 
 
 def write_results(workdir, results: dict) -> Path:

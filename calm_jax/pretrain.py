@@ -12,8 +12,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from calm_jax import hf
-from calm_jax.experiment import bar_chart, build_decoder, print_table, suite_accuracy, write_results
+from calm_jax import hf, sharding
+from calm_jax.experiment import (bar_chart, build_decoder, majority_baseline, print_table, suite_accuracy,
+                                 write_results)
 from calm_jax.registry import register_method
 from calm_jax.tasks import Mixture, get_task, max_seq_len
 from calm_jax.tokenizers import CharTokenizer
@@ -50,7 +51,9 @@ def run(config, workdir) -> dict:
   tokenizer = CharTokenizer()
   tasks = [t for t, w in dict(config.data.tasks).items() if w > 0]
   registry = task_registry(config)
-  model = build_decoder(config.model, tokenizer, int(config.seed))
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_from_config(config.get("rules", ()))
+  model = build_decoder(config.model, tokenizer, int(config.seed), mesh=mesh, rules=rules)
   _, _, batch_fn = mixture_batches(config, tokenizer)
 
   def eval_fn(m, step):
@@ -58,19 +61,21 @@ def run(config, workdir) -> dict:
                          batch_size=config.eval.batch_size, registry=registry)
     return {"val_accuracy": acc["overall"]}
 
-  result = train(model, loss_fn=lm_batch_loss, batch_fn=batch_fn, config=config, workdir=workdir,
+  result = train(model, loss_fn=lm_batch_loss, batch_fn=batch_fn, config=config, workdir=workdir, mesh=mesh,
                  eval_fn=eval_fn, meta={"model": json.dumps(dict(config.model), sort_keys=True)})
   acc = suite_accuracy(result.model, tokenizer, tasks, n_per_task=config.eval.n_per_task,
                        split=config.eval.split, batch_size=config.eval.batch_size, registry=registry)
   if jax.process_index() == 0:
     hf.save(result.model, hf_dir, overwrite=True, max_shard_size="2GB")
     tokenizer.save(hf_dir)
-  out = {"accuracy": acc, "seconds": time.time() - t0, "steps": result.step,
+  chance = majority_baseline(tasks, n_per_task=config.eval.n_per_task, split=config.eval.split, registry=registry)
+  out = {"accuracy": acc, "chance": chance, "seconds": time.time() - t0, "steps": result.step,
          "final_loss": result.metrics.get("loss"),
          "params": int(sum(np.size(x) for x in jax.tree.leaves(result.model.params())))}
   write_results(workdir, out)
-  bar_chart(workdir / "results.png", {"base": {k: v for k, v in acc.items() if k != "overall"}},
+  bar_chart(workdir / "results.png", {"base": {k: v for k, v in acc.items() if k != "overall"},
+                                      "chance (majority answer)": chance},
             f"tiny base ({out['params']:,} params): test exact-match accuracy")
-  print_table("tiny base, test accuracy (%)", {"base": acc})
+  print_table("tiny base, test accuracy (%)", {"base": acc, "chance (majority answer)": chance})
   print(f"results: {results_path}  chart: {workdir / 'results.png'}  model: {hf_dir}")
   return out

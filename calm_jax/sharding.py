@@ -238,3 +238,8 @@ def shard_logical(x, axes: Sequence[str | None], rules=DEFAULT_RULES):
   if mesh.empty:
     return x
   return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, rules, mesh, x.shape))
+
+
+def rules_from_config(overrides=()) -> tuple:
+  """`config.rules` entries in front of DEFAULT_RULES (the first matching rule wins)."""
+  return tuple(tuple(r) for r in (overrides or ())) + tuple(DEFAULT_RULES)

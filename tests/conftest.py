@@ -51,3 +51,22 @@ def fast_compile():
     jax.config.update("jax_disable_most_optimizations", True)
     yield
     jax.config.update("jax_disable_most_optimizations", old)
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory):
+    """The embedded default base, trained once per session with configs/pretrain.py as shipped.
+
+    Runs `python -m launch.train` in a subprocess (one CPU device, as `make demo` does) and
+    returns the workdir (results.json, hf/). Method tests that need a trained base share it.
+    """
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    workdir = tmp_path_factory.mktemp("tiny_base")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "launch.train", "--config=configs/pretrain.py",
+                           f"--workdir={workdir}"], cwd=root, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir

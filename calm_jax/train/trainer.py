@@ -88,7 +88,7 @@ def train(model: nnx.Module, *, loss_fn: Callable, batch_fn: Callable[[int], dic
   t0 = time.time()
   workdir = Path(workdir)
   mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
-  rules = tuple(tuple(r) for r in config.get("rules", [])) + tuple(sharding.DEFAULT_RULES)  # first match wins
+  rules = sharding.rules_from_config(config.get("rules", ()))
   dp = sharding.data_parallel_size(mesh)
   if int(config.batch_size) % dp:
     raise sharding.ShardingError(f"batch_size {config.batch_size} is not divisible by the data-parallel size {dp} "
