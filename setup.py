@@ -28,7 +28,9 @@ setup(
     packages=find_packages(include=["calm_jax*", "merging*", "svf*", "moa*", "launch*", "configs*"]),
     install_requires=RUNTIME,
     extras_require={
-        "test": [TORCH, "pytest", "pytest-timeout", "accelerate"],
-        "bench": [TORCH, "accelerate", "psutil"],
+        # Peers: transformers (PyTorch) is the numeric reference, mergekit the merge reference,
+        # peft the LoRA reference, calm-pytorch the CALM throughput reference.
+        "test": [TORCH, "pytest", "pytest-timeout", "accelerate", "mergekit", "peft", "psutil"],
+        "bench": [TORCH, "accelerate", "psutil", "mergekit", "peft", "calm-pytorch"],
     },
 )
