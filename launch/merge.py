@@ -1,0 +1,41 @@
+"""Merge HF checkpoints (streaming, tensor by tensor):
+
+  python -m launch.merge --config=configs/merge/<method>.py[:variant] --config.base=DIR \
+      --config.models=DIR1,DIR2 --config.out=DIR [--config.overwrite] [--config.<option>=...]
+  python -m launch.merge --mergekit_yaml=FILE.yml --out=DIR [--overwrite] [--seed=N]
+"""
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "merge config (configs/merge/*.py)", lock_config=True)
+_YAML = flags.DEFINE_string("mergekit_yaml", None, "a mergekit YAML config to run instead of --config")
+_OUT = flags.DEFINE_string("out", None, "output directory (with --mergekit_yaml)")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace --out if it exists (with --mergekit_yaml)")
+_SEED = flags.DEFINE_integer("seed", 0, "DARE seed (with --mergekit_yaml)")
+
+
+def main(argv):
+  del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  from calm_jax.atomic import OutputExistsError
+  from calm_jax.safetensors_io import CheckpointError
+  from merging.options import MergeError
+  try:
+    if _YAML.value:
+      if _CONFIG.value is not None or not _OUT.value:
+        raise app.UsageError("--mergekit_yaml takes --out (and no --config)")
+      from merging.mergekit_yaml import run_mergekit_yaml
+      out = run_mergekit_yaml(_YAML.value, _OUT.value, overwrite=_OVERWRITE.value, seed=_SEED.value)
+    elif _CONFIG.value is not None:
+      from merging.cli import run_config
+      out = run_config(_CONFIG.value)
+    else:
+      raise app.UsageError("give --config=configs/merge/<method>.py or --mergekit_yaml=FILE.yml --out=DIR")
+  except (MergeError, CheckpointError, OutputExistsError) as e:
+    raise SystemExit(f"merge failed: {e}") from None
+  print(f"merged model written to {out}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,196 @@
+"""The merge driver shared by the pytree API and the streaming checkpoint merge.
+
+A `Source` names tensors and hands them out one at a time (a pytree in memory, or memory-mapped
+safetensors). `plan` validates the inputs (missing / extra tensors, shapes, vocab sizes) before
+any arithmetic; `Merger` runs the passes tensor by tensor, so at most one tensor of each model
+is live at a time:
+
+  pass 1  (MetaGPT, global TIES)  per-tensor ‖τ_i‖² and magnitude histograms, summed on the host;
+  pass 2  (global TIES only)      the low-bit histogram that makes the threshold exact;
+  merge                          `kernels.merge_tensor` per selected tensor, the base value otherwise.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Mapping, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from merging import kernels
+from merging.options import MergeError, MergeOptions
+from merging.report import Report
+from merging.stats import ThresholdSearch, metagpt_lambdas, ties_rank
+
+
+def is_float(dtype) -> bool:
+  """Floating point, bf16 and fp8 included (ml_dtypes' numpy kind is 'V', not 'f')."""
+  return bool(jnp.issubdtype(dtype, jnp.floating))
+
+
+class Source(Protocol):
+  """Tensors of a base and T fine-tuned models. Model index -1 is the base."""
+  num_models: int
+
+  def names(self, i: int) -> Mapping[str, object]: ...   # keyed by name; the base's in output order
+  def shape(self, i: int, name: str) -> tuple: ...
+  def dtype(self, i: int, name: str) -> np.dtype: ...
+  def get(self, i: int, name: str): ...                    # numpy or jax array
+  def where(self, i: int, name: str) -> str: ...           # "tensor X in FILE", for error messages
+  def origin(self, i: int) -> str: ...                     # "model 1 (DIR)", for error messages
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorPlan:
+  name: str
+  shape: tuple
+  dtype: np.dtype
+  merge: bool
+  reason: str | None = None                 # why a tensor keeps the base value
+  crops: tuple | None = None                # per model: index tuple cutting it to the base shape, or None
+  vocab: dict | None = None                 # vocab-size mismatch details for the report
+
+
+def _problem_list(problems: list[str]) -> str:
+  shown = "\n  ".join(problems[:20])
+  more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+  return f"{len(problems)} problem(s):\n  {shown}{more}"
+
+
+def _vocab_crop(base_shape, shape):
+  """Index cutting `shape` down to `base_shape` when they differ along exactly one axis, else None."""
+  if len(shape) != len(base_shape):
+    return None
+  diff = [a for a, (s, b) in enumerate(zip(shape, base_shape)) if s != b]
+  if len(diff) != 1:
+    return None
+  return tuple(slice(0, b) for b in base_shape)
+
+
+def plan(source: Source, opts: MergeOptions) -> list[TensorPlan]:
+  """Checks every tensor's presence and shape in every model; decides what is merged."""
+  base_names = list(source.names(-1))
+  base_set = set(base_names)
+  problems = []
+  for i in range(source.num_models):
+    names = set(source.names(i))
+    problems += [f"missing tensor {n} in {source.origin(i)} (the base has it: {source.where(-1, n)})"
+                 for n in base_names if n not in names]
+    problems += [f"unexpected {source.where(i, n)} of {source.origin(i)} (the base has no such tensor)"
+                 for n in sorted(names - base_set)]
+  out = []
+  for name in base_names:
+    shape, dtype = tuple(source.shape(-1, name)), np.dtype(source.dtype(-1, name))
+    crops, vocab, reason = [None] * source.num_models, None, None
+    for i in range(source.num_models):
+      if name not in source.names(i):
+        continue
+      s = tuple(source.shape(i, name))
+      if s == shape:
+        continue
+      crop = _vocab_crop(shape, s) if opts.is_vocab(name) else None
+      if crop is None:
+        problems.append(f"shape mismatch: {source.where(i, name)} has shape {s}, the base's "
+                        f"({source.where(-1, name)}) is {shape}")
+        continue
+      vocab = vocab or {"base_shape": list(shape), "model_shapes": [list(source.shape(j, name))
+                                                                  for j in range(source.num_models)
+                                                                  if name in source.names(j)]}
+      if opts.vocab_policy == "truncate" and any(a < b for a, b in zip(s, shape)):
+        problems.append(f"vocab mismatch: {source.where(i, name)} has shape {s}, smaller than the base's "
+                        f"{shape}; it cannot be truncated to the base (use vocab_policy='exclude')")
+      crops[i] = crop
+      if opts.vocab_policy == "exclude":
+        reason = "vocab size differs from the base (vocab_policy=exclude: base value kept)"
+    if vocab is not None:
+      vocab["policy"] = opts.vocab_policy
+    if reason is None and not opts.selected(name):
+      reason = "not selected by include/exclude"
+    if reason is None and not is_float(dtype):
+      reason = f"not floating point ({dtype})"
+    out.append(TensorPlan(name, shape, dtype, reason is None, reason,
+                          tuple(crops) if any(c is not None for c in crops) else None, vocab))
+  if problems:
+    raise MergeError(f"cannot merge: {_problem_list(problems)}")
+  return out
+
+
+class Merger:
+  """Runs the passes over a `Source`; iterate it for (name, merged tensor) in the base's order."""
+
+  def __init__(self, source: Source, opts: MergeOptions, progress: bool = False):
+    self.source, self.opts, self.progress = source, opts, progress
+    self.plans = plan(source, opts)
+    self.report = Report(opts, self.plans)
+    self.weights = np.asarray(opts.weights, np.float32)
+    self.thresholds = np.zeros(opts.num_models, np.float32)
+    self._prepared = False
+
+  def _inputs(self, p: TensorPlan):
+    """(base, (model tensors)) cut to the base shape and flattened (the kernels are shape-agnostic)."""
+    models = []
+    for i in range(self.source.num_models):
+      x = self.source.get(i, p.name)
+      models.append((x[p.crops[i]] if p.crops and p.crops[i] is not None else x).reshape(-1))
+    return self.source.get(-1, p.name).reshape(-1), tuple(models)
+
+  def _check_finite(self, name, finite) -> None:
+    finite = np.asarray(finite)
+    if not finite.all():
+      bad = [self.source.where(i - 1, name) for i in np.flatnonzero(~finite)]
+      raise MergeError(f"NaN or Inf in {'; '.join(bad)}")
+
+  def _bar(self, desc):
+    merged = [p for p in self.plans if p.merge]
+    return tqdm(merged, desc=desc, unit="tensor", disable=not self.progress, leave=False)
+
+  def prepare(self) -> None:
+    """The statistics passes (only for methods that need global statistics)."""
+    if self._prepared:
+      return
+    self._prepared = True
+    opts = self.opts
+    if not (opts.needs_norms or opts.needs_threshold):
+      return
+    sq = np.zeros(opts.num_models, np.float64)
+    search = ThresholdSearch(opts.num_models) if opts.needs_threshold else None
+    for p in self._bar("merge: statistics"):
+      base, models = self._inputs(p)
+      st = jax.device_get(kernels.tensor_stats(base, models, histogram=search is not None))
+      self._check_finite(p.name, st["finite"])
+      sq += st["sq"]
+      if search is not None:
+        search.add_hi(st["hist"], int(np.prod(p.shape)))
+    self.report.global_sq_norms(sq)
+    if opts.needs_norms:
+      lambdas = metagpt_lambdas(sq)
+      self.weights = lambdas.astype(np.float32)
+      self.report.metagpt(lambdas)
+    if search is not None:
+      ranks = [ties_rank(search.count, d) for d in opts.density]
+      bins, rest = search.hi_bins(ranks)
+      for p in self._bar("merge: TIES threshold"):
+        base, models = self._inputs(p)
+        search.add_lo(jax.device_get(kernels.low_histogram(base, models, bins)))
+      self.thresholds = search.thresholds(ranks, bins, rest)
+      self.report.ties_threshold(self.thresholds, ranks, search.count)
+
+  def __iter__(self) -> Iterator[tuple[str, object]]:
+    self.prepare()
+    opts = self.opts
+    lam = np.float32(opts.lam)
+    bar = tqdm(self.plans, desc="merge", unit="tensor", disable=not self.progress, leave=False)
+    for p in bar:
+      if not p.merge:
+        base = self.source.get(-1, p.name)
+        yield p.name, (base.astype(opts.out_dtype) if opts.out_dtype and is_float(p.dtype) else base)
+        continue
+      base, models = self._inputs(p)
+      merged, st = kernels.merge_tensor(base, models, self.weights, lam, self.thresholds,
+                                        kernels.tensor_key(opts.seed, p.name), spec=opts.kernel)
+      st = jax.device_get(st)
+      self._check_finite(p.name, st["finite"])
+      self.report.tensor(p, st)
+      yield p.name, merged.reshape(p.shape)

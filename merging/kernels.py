@@ -1,0 +1,162 @@
+"""Pure per-tensor merge kernels: (base tensor, [fine-tuned tensors], global stats, options) -> result.
+
+The pytree API and the streaming checkpoint merge both call these and nothing else does the
+math. Everything is computed in fp32 whatever the storage dtype (task vectors, norms, sums,
+masks) and the merged tensor is cast to the storage dtype once, at the end. Each kernel is a
+`jax.jit` with the options static (`KernelSpec`, hashable), so it compiles once per
+(spec, size, dtype) and then runs for every tensor of that size: tensors arrive flattened to 1-D
+(every operation is elementwise or a per-tensor reduction, so the layout does not matter).
+
+Global statistics (`tensor_stats`, `low_histogram`) are per-tensor partial sums that the caller
+accumulates over all tensors (in fp64 / int64 on the host):
+  * squared task-vector norms ‖τ_i‖² (MetaGPT's λ_t),
+  * an exact radix select of the global TIES threshold: |τ| ≥ 0 in fp32, so its IEEE bit
+    pattern read as uint32 is monotone in the value. Pass 1 counts the top 16 bits (2¹⁵ bins,
+    the sign bit is 0), which finds the bin holding the k-th smallest magnitude; pass 2 counts
+    the low 16 bits of the entries in that bin, which pins the exact value. Memory: two
+    histograms per model, independent of the model size.
+"""
+from __future__ import annotations
+
+import functools
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from merging.options import KernelSpec
+
+F32 = jnp.float32
+HI_BINS = 1 << 15   # top 16 bits of a non-negative fp32 (sign bit 0)
+LO_BINS = 1 << 16
+
+
+def _deltas(base, models):
+  b = base.astype(F32)
+  return b, jnp.stack([m.astype(F32) - b for m in models])
+
+
+def _per_model_sum(x):
+  return jnp.sum(x, axis=1)
+
+
+def _finite(base, models):
+  return jnp.stack([jnp.isfinite(base.astype(F32)).all()] + [jnp.isfinite(m.astype(F32)).all() for m in models])
+
+
+def _bits(tau):
+  return jax.lax.bitcast_convert_type(jnp.abs(tau), jnp.uint32)
+
+
+@functools.partial(jax.jit, static_argnames=("histogram",))
+def tensor_stats(base, models, *, histogram: bool = False):
+  """Pass 1: {"sq": ‖τ_i‖² [T], "finite": [T+1] (base first), "hist": top-16-bit counts [T, 2¹⁵]}."""
+  _, tau = _deltas(base, models)
+  out = {"sq": _per_model_sum(tau * tau), "finite": _finite(base, models)}
+  if histogram:
+    hi = (_bits(tau) >> 16).astype(jnp.int32)
+    out["hist"] = jax.vmap(lambda h: jnp.bincount(h, length=HI_BINS))(hi)
+  return out
+
+
+@jax.jit
+def low_histogram(base, models, hi_bin):
+  """Pass 2: counts [T, 2¹⁶] of the low 16 bits of |τ_i| among entries whose top bits equal hi_bin[i]."""
+  _, tau = _deltas(base, models)
+  bits = _bits(tau)
+  sel = jnp.where((bits >> 16).astype(jnp.int32) == hi_bin[:, None], (bits & 0xFFFF).astype(jnp.int32), LO_BINS)
+  return jax.vmap(lambda s: jnp.bincount(s, length=LO_BINS + 1))(sel)[:, :LO_BINS]
+
+
+def tensor_key(seed: int, name: str) -> jax.Array:
+  """The DARE key of one tensor: a function of (seed, tensor name) only, so masks are reproducible."""
+  return jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+def _keep_mask(key, i, keep, shape):
+  return jax.random.bernoulli(jax.random.fold_in(key, i), keep, shape)
+
+
+def dare_mask(seed: int, name: str, model_index: int, shape, keep: float) -> np.ndarray:
+  """The DARE keep-mask `merge` uses for model `model_index` on tensor `name` (for tests and inspection)."""
+  n = int(np.prod(shape))
+  return np.asarray(_keep_mask(tensor_key(seed, name), model_index, keep, (n,))).reshape(shape)
+
+
+def _rescale(tau, kept, how, keep):
+  if how == "inverse":
+    return kept / keep[:, None]
+  if how == "l1":  # mergekit's rescaled_masked_tensor(norm=l1): per tensor and model
+    before, after = _per_model_sum(jnp.abs(tau)), _per_model_sum(jnp.abs(kept))
+    scale = jnp.where((before < 1e-7) | (after < 1e-7), 1.0, before / jnp.where(after == 0, 1.0, after))
+    return kept * scale[:, None]
+  return kept
+
+
+def _sparsify(tau, spec: KernelSpec, thresholds, key):
+  """Step 1: (τ̂ [T, n], keep mask [T, n])."""
+  if spec.sparsify == "none":
+    return tau, jnp.ones(tau.shape, bool)
+  if spec.sparsify == "magnitude":
+    mag = jnp.abs(tau)
+    if spec.trim == "global":
+      thr = thresholds
+    else:  # k-th largest magnitude of the tensor, k = max(1, int(density·n)), as mergekit
+      n = mag.shape[1]
+      ordered = jnp.sort(mag, axis=1)
+      thr = jnp.stack([ordered[i, n - max(1, int(d * n))] if d < 1 else jnp.zeros((), F32)
+                       for i, d in enumerate(spec.keep)])
+    mask = mag >= thr[:, None]
+  else:  # random: DARE, keep with probability 1 − p
+    mask = jnp.stack([_keep_mask(key, i, d, tau.shape[1:]) if d < 1 else jnp.ones(tau.shape[1:], bool)
+                      for i, d in enumerate(spec.keep)])
+  kept = jnp.where(mask, tau, 0.0)
+  keep = jnp.asarray(spec.keep, F32)
+  return _rescale(tau, kept, spec.rescale, keep), mask
+
+
+def _combine(tau_hat, weights, spec: KernelSpec):
+  """Steps 2-3: (δ, agree mask)."""
+  w = weights[:, None]
+  u = w * tau_hat
+  if spec.consensus:
+    v = u if spec.vote == "weighted" else tau_hat
+    gamma = jnp.where(jnp.sum(v, axis=0) >= 0, 1.0, -1.0)
+    agree = jnp.sign(v) == gamma
+  else:
+    agree = jnp.ones(tau_hat.shape, bool)
+  mixed = jnp.sum(jnp.where(agree, u, 0.0), axis=0)
+  if spec.normalize == "count":
+    mixed = mixed / jnp.maximum(jnp.sum(agree, axis=0), 1).astype(F32)
+  elif spec.normalize == "weight":
+    d = jnp.sum(jnp.where(agree, w, 0.0), axis=0)
+    d = jnp.where(d == 0, 1.0, d) if spec.consensus else jnp.where(jnp.abs(d) < 1e-8, 1.0, d)
+    mixed = mixed / d
+  return mixed, agree
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def merge_tensor(base, models, weights, lam, thresholds, key, *, spec: KernelSpec):
+  """One merged tensor and its statistics.
+
+  base: the θ_0 tensor, flattened; models: tuple of T flattened θ_i tensors of its size;
+  weights: w_i [T] fp32; lam: λ; thresholds: global TIES thresholds [T] (unused unless spec.trim == "global");
+  key: the tensor's DARE key (`tensor_key`). Returns (merged in the storage dtype,
+  {"kept": entries of each model that contribute [T], "delta_sq": ‖merged − θ_0‖² in fp32,
+  "sq": ‖τ_i‖² [T], "finite": [T+1]}).
+  """
+  out_dtype = jnp.dtype(spec.out_dtype) if spec.out_dtype else base.dtype
+  b, tau = _deltas(base, models)
+  stats = {"sq": _per_model_sum(tau * tau), "finite": _finite(base, models)}
+  if spec.mode == "linear":  # Σ w_i θ_i / Σ w_i
+    merged32 = jnp.sum(weights[:, None] * jnp.stack([m.astype(F32) for m in models]), axis=0) / jnp.sum(weights)
+    contributes = jnp.broadcast_to((weights != 0)[:, None], tau.shape)
+  else:
+    tau_hat, mask = _sparsify(tau, spec, thresholds, key)
+    mixed, agree = _combine(tau_hat, weights, spec)
+    merged32 = b + mixed * lam
+    contributes = mask & agree & (tau_hat != 0)
+  stats["kept"] = _per_model_sum(contributes.astype(jnp.int32))
+  stats["delta_sq"] = jnp.sum(jnp.square(merged32 - b))
+  return merged32.astype(out_dtype), stats

@@ -1,0 +1,114 @@
+"""Streaming merge of Hugging Face safetensors checkpoints, tensor by tensor.
+
+Inputs are read through `CheckpointReader` memory maps (single file or shards + index), so a
+tensor costs memory only while it is merged; peak memory is a few tensors (the base, one per
+model, fp32 temporaries) plus the write buffer, not the model. Methods with global statistics
+(MetaGPT, global TIES trim) read the inputs once more per statistics pass (see `engine`).
+
+The output is an HF directory: config.json and the tokenizer / generation files copied from
+the base, sharded safetensors + index, and `merge_report.json`; it is written under a
+temporary name and renamed into place, so a failed or killed merge leaves no output directory.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from calm_jax.atomic import atomic_dir, check_writable
+from calm_jax.hf import AUX_FILES
+from calm_jax.safetensors_io import CheckpointReader, ShardedWriter
+from merging.engine import Merger, is_float
+from merging.options import MergeError, resolve_checked
+
+REPORT_NAME = "merge_report.json"
+
+
+class CheckpointSource:
+  """`engine.Source` over HF directories (model -1 is the base)."""
+
+  def __init__(self, base_dir, model_dirs: Sequence):
+    self.dirs = [Path(d) for d in model_dirs] + [Path(base_dir)]  # index -1 is the base
+    self.readers = [CheckpointReader(d) for d in self.dirs]
+    self.num_models = len(model_dirs)
+
+  def names(self, i):
+    return self.readers[i].location
+
+  def shape(self, i, name):
+    return self.readers[i].shape(name)
+
+  def dtype(self, i, name):
+    return self.readers[i].dtype(name)
+
+  def get(self, i, name):
+    return self.readers[i].get(name)
+
+  def origin(self, i):
+    return f"{'the base' if i < 0 else f'model {i}'} ({self.dirs[i]})"
+
+  def where(self, i, name):
+    r = self.readers[i]
+    return f"tensor {name} in {r.file_of(name) if name in r else r.dir}"
+
+
+def _config(d: Path) -> dict:
+  path = d / "config.json"
+  try:
+    return json.loads(path.read_text())
+  except FileNotFoundError:
+    raise MergeError(f"{path}: not found (every model directory needs its config.json)") from None
+  except (ValueError, UnicodeDecodeError) as e:
+    raise MergeError(f"{path}: not valid JSON ({e})") from None
+
+
+def check_architectures(base_dir: Path, model_dirs: Sequence[Path]) -> dict:
+  """Same `model_type` (and `architectures`) everywhere; returns the base's config."""
+  base = _config(base_dir)
+  for d in model_dirs:
+    cfg = _config(d)
+    for key in ("model_type", "architectures"):
+      if cfg.get(key) != base.get(key):
+        raise MergeError(f"architecture mismatch: {d / 'config.json'} has {key}={cfg.get(key)!r}, "
+                         f"the base ({base_dir / 'config.json'}) has {base.get(key)!r}")
+  return base
+
+
+def merge_checkpoints(base, models: Sequence, out, method: str = "metagpt", *, overwrite: bool = False,
+                      max_shard_size="2GB", progress: bool = True, **options) -> Path:
+  """Merges HF checkpoint directories `models` onto `base` into the HF directory `out`.
+
+  Options are those of `merging.merge` (method, weights, lam, density, drop_rate, sparsify,
+  convention, trim, vote, normalize, rescale, seed, include, exclude, vocab_policy, out_dtype).
+  Returns `out`. Raises `MergeError` / `CheckpointError` on bad input before any output exists.
+  """
+  out = check_writable(out, overwrite)
+  base_dir, model_dirs = Path(base), [Path(m) for m in models]
+  for d in (base_dir, *model_dirs):
+    if d.absolute() == out:
+      raise MergeError(f"output {out} is one of the input models")
+  base_cfg = check_architectures(base_dir, model_dirs)
+  source = CheckpointSource(base_dir, model_dirs)
+  merger = Merger(source, resolve_checked(method, len(model_dirs), options), progress=progress)
+  merger.report.set_models(model_dirs)
+  merger.report.data["base"] = str(base_dir)
+  merger.prepare()  # statistics passes: before the output directory exists
+  out_dtype = merger.opts.out_dtype
+  specs = [(p.name, p.shape, np.dtype(out_dtype) if out_dtype and is_float(p.dtype) else p.dtype)
+           for p in merger.plans]
+  if out_dtype:
+    base_cfg["dtype"] = out_dtype
+    base_cfg.pop("torch_dtype", None)
+  with atomic_dir(out, overwrite=overwrite) as tmp:
+    for f in AUX_FILES:
+      if (base_dir / f).exists():
+        shutil.copy2(base_dir / f, tmp / f)
+    (tmp / "config.json").write_text(json.dumps(base_cfg, indent=2))
+    with ShardedWriter(tmp, specs, max_shard_size, metadata={"merge_method": method}) as writer:
+      for name, tensor in merger:
+        writer.write(name, np.asarray(tensor))
+    merger.report.write(tmp / REPORT_NAME)
+  return out
