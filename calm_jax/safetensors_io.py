@@ -118,6 +118,24 @@ class SafetensorsFile:
     return self._mmap[off: off + nbytes].view(dt).reshape(shape)
 
 
+  def release(self, name) -> None:
+    """Drops the tensor's pages from this process's resident set (they stay in the page cache).
+
+    Streaming consumers call this after each tensor so RSS stays bounded by a few tensors.
+    """
+    if self._mmap is None or name not in self.entries:
+      return
+    import mmap as _mmap
+    dt, shape, begin = self.entries[name]
+    start = self.data_start + begin
+    end = start + math.prod(shape) * dt.itemsize
+    page = _mmap.PAGESIZE
+    lo, hi = (start // page) * page, -(-end // page) * page
+    hi = min(hi, len(self._mmap))
+    if hi > lo and hasattr(self._mmap._mmap, "madvise"):
+      self._mmap._mmap.madvise(_mmap.MADV_DONTNEED, lo, hi - lo)
+
+
 class CheckpointReader:
   """All tensors of an HF model directory: `model.safetensors`, or shards + index."""
 
@@ -176,6 +194,10 @@ class CheckpointReader:
     if name not in self.location:
       raise CheckpointError(f"{self.dir}: missing tensor {name}")
     return self.files[self.location[name]].get(name)
+
+  def release(self, name) -> None:
+    if name in self.location:
+      self.files[self.location[name]].release(name)
 
   def nbytes(self) -> int:
     return sum(math.prod(s.shape(n)) * s.dtype(n).itemsize for s in self.files.values() for n in s.keys())
