@@ -129,7 +129,8 @@ PLAIN = Hooks()
 
 
 class KVCache(NamedTuple):
-  """Keys/values [L, B, S, KV, D] per slot, slot validity [B, S], next write slot."""
+  """Keys/values [L, B, KV, S, D] (heads-major: what the attention dots read without a transpose),
+  slot validity [B, S], next write slot."""
   k: jax.Array
   v: jax.Array
   valid: jax.Array
@@ -137,7 +138,7 @@ class KVCache(NamedTuple):
 
   @classmethod
   def empty(cls, cfg: DecoderConfig, batch: int, length: int, dtype) -> "KVCache":
-    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
     return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
 
@@ -153,8 +154,12 @@ def unembed(cfg: DecoderConfig, params, h):
   return jnp.einsum("bte,ev->btv", x, w, preferred_element_type=jnp.float32)
 
 
-def _layer(cfg, hooks, h, p, window, k_cache, v_cache, extra, *, cos, sin, q_slots, kv_valid, index):
-  """One pre-norm decoder block; returns (new h, (k, v) as stored in the cache or computed)."""
+def _layer(cfg, hooks, h, p, window, kv_cache, extra, *, cos, sin, q_slots, kv_valid, index, layer):
+  """One pre-norm decoder block; returns (new h, the stacked (k, v) cache with this layer's slots written, or None).
+
+  kv_cache: (k, v) of all scanned layers [n, B, KV, S, D] (a scan carry, so the write is in place
+  instead of re-stacking a copy of the whole cache per layer); `layer` indexes into it.
+  """
   ctx = hooks.begin_layer(h, extra, kv_valid)
   x = rms_norm(h, p["attn_norm"], cfg.rms_norm_eps)
   q = hooks.dense("q", x, p["q"], extra, ctx)
@@ -163,11 +168,15 @@ def _layer(cfg, hooks, h, p, window, k_cache, v_cache, extra, *, cos, sin, q_slo
   if cfg.qkv_bias:
     q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
   q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-  if k_cache is not None:
-    k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-    v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+  if kv_cache is not None:
+    kc, vc = kv_cache
+    kc = jax.lax.dynamic_update_slice(kc, k.swapaxes(1, 2)[None].astype(kc.dtype), (layer, 0, 0, index, 0))
+    vc = jax.lax.dynamic_update_slice(vc, v.swapaxes(1, 2)[None].astype(vc.dtype), (layer, 0, 0, index, 0))
+    kv_cache = (kc, vc)
+    k = jax.lax.dynamic_index_in_dim(kc, layer, keepdims=False)
+    v = jax.lax.dynamic_index_in_dim(vc, layer, keepdims=False)
   mask = attention_mask(q_slots, kv_valid, window if cfg.has_sliding_window else None)
-  a = gqa_attention(q, k, v, mask)
+  a = gqa_attention(q, k, v, mask, heads_major=kv_cache is not None)
   a = hooks.dense("o", a, p["o"], extra, ctx)
   if cfg.o_bias:
     a = a + p["o_bias"]
@@ -180,7 +189,7 @@ def _layer(cfg, hooks, h, p, window, k_cache, v_cache, extra, *, cos, sin, q_slo
   m = hooks.dense("down", jax.nn.silu(g) * u, p["down"], extra, ctx)
   if cfg.mlp_bias:
     m = m + p["down_bias"]
-  return h + m.astype(h.dtype), (k, v)
+  return h + m.astype(h.dtype), kv_cache
 
 
 def run_layers(cfg: DecoderConfig, layers, h, *, positions, kv_valid, cache: KVCache | None = None,
@@ -202,16 +211,16 @@ def run_layers(cfg: DecoderConfig, layers, h, *, positions, kv_valid, cache: KVC
   body = functools.partial(_layer, cfg, hooks, cos=cos, sin=sin, q_slots=q_slots,
                            kv_valid=kv_valid, index=index)
 
-  def step(h, xs):
-    p, w, kc, vc, ex = xs
-    h2, kv = body(h, p, w, kc, vc, ex)
-    return h2, (kv if cache is not None else None, h2 if return_hidden else None)
+  def step(carry, xs):
+    h, kv = carry
+    p, w, ex, i = xs
+    h2, kv = body(h, p, w, kv, ex, layer=i)
+    return (h2, kv), (h2 if return_hidden else None)
 
   if remat:
     step = jax.checkpoint(step)
-  kc = cache.k if cache is not None else None
-  vc = cache.v if cache is not None else None
-  h, (kv, hidden) = jax.lax.scan(step, h, (layers, windows, kc, vc, extra))
+  kv = (cache.k, cache.v) if cache is not None else None
+  (h, kv), hidden = jax.lax.scan(step, (h, kv), (layers, windows, extra, jnp.arange(n)))
   return h, kv, hidden
 
 

@@ -72,14 +72,19 @@ def attention_mask(q_slots, kv_valid, window=None):
   return allowed[None] & kv_valid[:, None, :]
 
 
-def gqa_attention(q, k, v, mask):
-  """q [B,T,H,D], k/v [B,S,KV,D], mask [B,T,S] -> [B,T,H,D]; query head h uses kv head h // (H/KV)."""
+def gqa_attention(q, k, v, mask, *, heads_major=False):
+  """q [B,T,H,D], k/v [B,S,KV,D], mask [B,T,S] -> [B,T,H,D]; query head h uses kv head h // (H/KV).
+
+  heads_major: k/v are [B,KV,S,D] (the KV-cache layout: the attention dots read it as is,
+  where [B,S,KV,D] would be transposed, a copy of the whole cache per layer and step).
+  """
   b, t, h, d = q.shape
-  kvh = k.shape[2]
+  kvh = k.shape[1] if heads_major else k.shape[2]
+  kv = "bksd" if heads_major else "bskd"
   q = q.reshape(b, t, kvh, h // kvh, d)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+  scores = jnp.einsum(f"btkgd,{kv}->bkgts", q, k, preferred_element_type=jnp.float32)
   scores = scores * (d ** -0.5)
   scores = jnp.where(mask[:, None, None], scores, NEG_INF)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  out = jnp.einsum(f"bkgts,{kv}->btkgd", probs, v)
   return out.reshape(b, t, h, d)
