@@ -11,10 +11,7 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
     logging.set_verbosity(logging.WARNING)
-  try:
-    from calm_jax.distributed import maybe_initialize_distributed
-  except ImportError:
-    maybe_initialize_distributed = lambda: None
+  from calm_jax.distributed import maybe_initialize_distributed
   from calm_jax.registry import get_method
   from launch.methods import import_methods
   maybe_initialize_distributed()

@@ -30,7 +30,7 @@ from calm_jax.fingerprint import structure_fingerprint
 from calm_jax.train.checkpoint import Checkpointer
 from calm_jax.train.losses import lm_loss  # noqa: F401  (re-exported)
 from calm_jax.train.metrics import MetricWriter, check_finite
-from calm_jax.train.optim import make_optimizer
+from calm_jax.train.optim import make_optimizer, schedule
 from calm_jax.variables import variable_type
 
 
@@ -109,6 +109,7 @@ def train(model: nnx.Module, *, loss_fn: Callable, batch_fn: Callable[[int], dic
   frozen = jax.device_put(frozen, sharding.shardings_for_state(frozen, mesh, rules))
   total = int(config.steps)
   tx = make_optimizer(config.optimizer, total)
+  lr_at = schedule(config.optimizer, total)
   with jax.set_mesh(mesh):
     opt_state = jax.jit(tx.init)(trainable)
   replicated = jax.sharding.NamedSharding(mesh, jax.P())
@@ -160,7 +161,7 @@ def train(model: nnx.Module, *, loss_fn: Callable, batch_fn: Callable[[int], dic
       if done % log_every == 0 or done == total:
         metrics = {k: float(v) for k, v in jax.device_get(m).items()}
         check_finite(done, metrics)
-        metrics["lr"] = float(make_lr(config, total)(step))
+        metrics["lr"] = float(lr_at(step))
         writer.write(done, metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}")
       if eval_fn is not None and eval_every and (done % eval_every == 0 or done == total):
@@ -183,8 +184,3 @@ def process_rows(batch):
   if n == 1:
     return batch
   return jax.tree.map(lambda x: x[i * (x.shape[0] // n):(i + 1) * (x.shape[0] // n)], batch)
-
-
-def make_lr(config, total):
-  from calm_jax.train.optim import schedule
-  return schedule(config.optimizer, total)
