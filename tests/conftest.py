@@ -70,3 +70,22 @@ def tiny_base_dir(tmp_path_factory):
                            f"--workdir={workdir}"], cwd=root, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return workdir
+
+
+@pytest.fixture(scope="session")
+def zoo_saved(tmp_path_factory):
+    """name -> (transformers fp32 model, its `save_pretrained` directory) for `hf_zoo` cases,
+    each built once per session and shared by the model, I/O and decoding tests."""
+    import hf_zoo
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            model = hf_zoo.build(name)
+            path = tmp_path_factory.mktemp(name) / "hf"
+            model.save_pretrained(path)
+            cache[name] = (model, path)
+        return cache[name]
+
+    return get

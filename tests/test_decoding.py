@@ -24,15 +24,13 @@ PROMPT_LENS = (5, 11, 2, 8)
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(zoo_saved):
     """kind -> (torch model, our Decoder loaded from its `save_pretrained` directory)."""
     cache = {}
 
     def get(kind):
         if kind not in cache:
-            m = hf_zoo.build(kind)
-            path = tmp_path_factory.mktemp(kind)
-            m.save_pretrained(path)
+            m, path = zoo_saved(kind)
             cache[kind] = (m, hf.load(path))
         return cache[kind]
 

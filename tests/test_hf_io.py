@@ -26,20 +26,10 @@ from calm_jax.safetensors_io import CheckpointError, SafetensorsFile, ShardedWri
 ROUND_TRIP_CASES = ["llama_gqa", "mistral_window", "qwen2_tied"]
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """name -> (HF fp32 model, its save_pretrained directory), built once per module."""
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            model = hf_zoo.build(name)
-            path = tmp_path_factory.mktemp(name) / "hf"
-            model.save_pretrained(path)
-            cache[name] = (model, path)
-        return cache[name]
-
-    return get
+@pytest.fixture
+def saved(zoo_saved):
+    """name -> (HF fp32 model, its save_pretrained directory)."""
+    return zoo_saved
 
 
 def _tree(root):

@@ -23,23 +23,13 @@ import safetensors.numpy
 
 import merging
 from calm_jax.atomic import OutputExistsError
+from calm_jax.models import nest
 from merging import MergeError, kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("fast_compile")
 SHAPES = {"embed": (64, 32), "layers/q": (32, 32), "layers/up": (32, 64), "norm": (32,)}
 T = 3
-
-
-def nest(flat):
-    out = {}
-    for k, v in flat.items():
-        *parents, leaf = k.split("/")
-        d = out
-        for p in parents:
-            d = d.setdefault(p, {})
-        d[leaf] = v
-    return out
 
 
 def flat(tree, prefix=""):

@@ -38,20 +38,10 @@ BF16_RMS_RATIO = 1.5
 CASES = list(hf_zoo.CASES)
 
 
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    """name -> (HF fp32 model, saved directory), built once per module."""
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            model = hf_zoo.build(name)
-            path = tmp_path_factory.mktemp(name) / "fp32"
-            model.save_pretrained(path)
-            cache[name] = (model, path)
-        return cache[name]
-
-    return get
+@pytest.fixture
+def zoo(zoo_saved):
+    """name -> (HF fp32 model, saved directory)."""
+    return zoo_saved
 
 
 def _check_config(cfg: DecoderConfig, name: str):
