@@ -16,6 +16,7 @@ def main(argv):
 
   from calm_jax import hf
   from calm_jax.decoding import generate
+  from calm_jax.pretrain import task_registry
   from calm_jax.registry import get_method
   from calm_jax.tasks import TASKS
   from calm_jax.tokenizers import load_tokenizer
@@ -26,12 +27,14 @@ def main(argv):
   root = Path(_WORKDIR.value)
   base = root / "base"
   print(f"== 1. tiny base: {base}")
-  get_method("pretrain")(get_config(), base)
+  base_config = get_config()
+  get_method("pretrain")(base_config, base)
 
   print("== 2. the base, loaded back from its HF directory, answers test prompts greedily")
   model = hf.load(base / "hf")
   tok = load_tokenizer(base / "hf")
-  examples = [TASKS[t].split("test", 1, seed=1)[0] for t in ("addition", "reverse", "sort", "count", "max")]
+  tasks = {**TASKS, **task_registry(base_config)}  # the base's own task settings (2-digit arithmetic)
+  examples = [tasks[t].split("test", 1, seed=1)[0] for t in ("addition", "subtraction", "reverse", "sort", "max")]
   outs = generate(model, [[tok.bos_id] + tok.encode(e.prompt) for e in examples], max_new_tokens=10)
   for e, o in zip(examples, outs):
     got = tok.decode([i for i in o if i != tok.eos_id])
