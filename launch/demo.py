@@ -1,8 +1,9 @@
 """`make demo`: the embedded default experiments end to end on CPU.
 
 Today: pretrain the tiny base on the synthetic suite (reused if already in the workdir), load
-it back from its HF directory, and answer a few prompts with the KV-cache decoder. Method
-experiments append themselves here as they land.
+it back from its HF directory, and answer a few prompts with the KV-cache decoder; then the merging
+experiment (configs/merge/suite.py) on that base. Method experiments append themselves here as
+they land.
 """
 from absl import app, flags, logging
 
@@ -39,6 +40,12 @@ def main(argv):
   for e, o in zip(examples, outs):
     got = tok.decode([i for i in o if i != tok.eos_id])
     print(f"  {e.prompt:<22} -> {got:<10} (expected {e.answer}) {'ok' if got == e.answer else 'wrong'}")
+
+  print(f"== 3. merging: per-task fine-tunes of the base, merged with every method: {root / 'merge'}")
+  from configs.merge.suite import get_config as merge_suite_config
+  merge_config = merge_suite_config()
+  merge_config.base_workdir = str(base)
+  get_method("merge_suite")(merge_config, root / "merge")
 
   print("\nresults:")
   for p in sorted(root.glob("*/results.json")):

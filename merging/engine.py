@@ -17,6 +17,7 @@ from typing import Iterator, Mapping, Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from merging import kernels
@@ -40,6 +41,7 @@ class Source(Protocol):
   def get(self, i: int, name: str): ...                    # numpy or jax array
   def where(self, i: int, name: str) -> str: ...           # "tensor X in FILE", for error messages
   def origin(self, i: int) -> str: ...                     # "model 1 (DIR)", for error messages
+  def release(self, name: str) -> None: ...                # done with tensor `name` in every model (frees mmap pages)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,11 +119,40 @@ def plan(source: Source, opts: MergeOptions) -> list[TensorPlan]:
   return out
 
 
-class Merger:
-  """Runs the passes over a `Source`; iterate it for (name, merged tensor) in the base's order."""
+def merge_mesh(mesh) -> Mesh | None:
+  """The 1-D mesh ("x") the kernels shard tensors over: None / "" (one device: the default),
+  "all" (every device of every host), or a `jax.sharding.Mesh` (its devices, flattened)."""
+  if mesh is None or mesh == "" or mesh == 1:
+    return None
+  if mesh == "all":
+    devices = jax.devices()
+  elif isinstance(mesh, Mesh):
+    devices = list(mesh.devices.flat)
+  else:
+    raise MergeError(f"mesh={mesh!r}: expected None, 'all' or a jax.sharding.Mesh")
+  return None if len(devices) == 1 else Mesh(np.asarray(devices), ("x",))
 
-  def __init__(self, source: Source, opts: MergeOptions, progress: bool = False):
+
+def _put(x, sharding):
+  """A flat host tensor as a global array split over the mesh; each device copies only its slice
+  (so every host reads just its part of the memory map)."""
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: np.asarray(x[idx]))
+
+
+class Merger:
+  """Runs the passes over a `Source`; iterate it for (name, merged tensor) in the base's order.
+
+  With a `mesh` (see `merge_mesh`) every tensor whose size divides by the device count is split
+  evenly over the devices and the kernels run sharded (XLA partitions the reductions: norms,
+  histograms, sorts); other tensors (norm vectors, odd sizes) run on one device. Results equal
+  the single-device ones: the kernels are elementwise or per-tensor reductions and the DARE masks
+  are counter-based per element.
+  """
+
+  def __init__(self, source: Source, opts: MergeOptions, progress: bool = False, mesh=None):
     self.source, self.opts, self.progress = source, opts, progress
+    self.mesh = merge_mesh(mesh)
+    self.sharding = None if self.mesh is None else NamedSharding(self.mesh, P("x"))
     self.plans = plan(source, opts)
     self.report = Report(opts, self.plans)
     self.weights = np.asarray(opts.weights, np.float32)
@@ -134,7 +165,10 @@ class Merger:
     for i in range(self.source.num_models):
       x = self.source.get(i, p.name)
       models.append((x[p.crops[i]] if p.crops and p.crops[i] is not None else x).reshape(-1))
-    return self.source.get(-1, p.name).reshape(-1), tuple(models)
+    base = self.source.get(-1, p.name).reshape(-1)
+    if self.sharding is not None and base.size % self.mesh.size == 0:
+      return _put(base, self.sharding), tuple(_put(m, self.sharding) for m in models)
+    return base, tuple(models)
 
   def _check_finite(self, name, finite) -> None:
     finite = np.asarray(finite)
@@ -159,6 +193,7 @@ class Merger:
     for p in self._bar("merge: statistics"):
       base, models = self._inputs(p)
       st = jax.device_get(kernels.tensor_stats(base, models, histogram=search is not None))
+      self.source.release(p.name)
       self._check_finite(p.name, st["finite"])
       sq += st["sq"]
       if search is not None:
@@ -174,6 +209,7 @@ class Merger:
       for p in self._bar("merge: TIES threshold"):
         base, models = self._inputs(p)
         search.add_lo(jax.device_get(kernels.low_histogram(base, models, bins)))
+        self.source.release(p.name)
       self.thresholds = search.thresholds(ranks, bins, rest)
       self.report.ties_threshold(self.thresholds, ranks, search.count)
 
@@ -186,6 +222,7 @@ class Merger:
       if not p.merge:
         base = self.source.get(-1, p.name)
         yield p.name, (base.astype(opts.out_dtype) if opts.out_dtype and is_float(p.dtype) else base)
+        self.source.release(p.name)  # the consumer has written it
         continue
       base, models = self._inputs(p)
       merged, st = kernels.merge_tensor(base, models, self.weights, lam, self.thresholds,
@@ -193,4 +230,6 @@ class Merger:
       st = jax.device_get(st)
       self._check_finite(p.name, st["finite"])
       self.report.tensor(p, st)
+      del base, models
       yield p.name, merged.reshape(p.shape)
+      self.source.release(p.name)

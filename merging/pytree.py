@@ -58,18 +58,22 @@ class PytreeSource:
   def where(self, i, name):
     return f"leaf {name} of {self.origin(i)}"
 
+  def release(self, name):
+    """Nothing to free: the trees stay the caller's."""
 
-def merge(base, finetuned: Sequence, method: str = "metagpt", **options) -> tuple[Any, dict]:
+
+def merge(base, finetuned: Sequence, method: str = "metagpt", *, mesh=None, **options) -> tuple[Any, dict]:
   """Merges fine-tuned pytrees into `base`: returns (merged pytree, report dict).
 
   Methods: average, task_arithmetic, ties, dare, dare_ties, metagpt (see `merging.options`
   for every option and the paper / mergekit conventions). Example:
-  `merge(base, [ft1, ft2, ft3], "metagpt", sparsify="ties", density=0.5)`.
+  `merge(base, [ft1, ft2, ft3], "metagpt", sparsify="ties", density=0.5)`. `mesh` ("all" or a
+  `jax.sharding.Mesh`; default one device) shards each tensor over the devices (`engine.merge_mesh`).
   """
   if isinstance(finetuned, dict) or not isinstance(finetuned, (list, tuple)):
     raise MergeError("finetuned must be a list of pytrees with the base's structure")
   source = PytreeSource(base, finetuned)
-  merger = Merger(source, resolve_checked(method, source.num_models, options))
+  merger = Merger(source, resolve_checked(method, source.num_models, options), mesh=mesh)
   merged = dict(merger)
   leaves = [merged[name] for name in source.names(-1)]
   return jax.tree_util.tree_unflatten(source.treedef, leaves), merger.report.to_dict()

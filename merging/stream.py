@@ -11,6 +11,7 @@ temporary name and renamed into place, so a failed or killed merge leaves no out
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import shutil
 from pathlib import Path
@@ -25,6 +26,21 @@ from merging.engine import Merger, is_float
 from merging.options import MergeError, resolve_checked
 
 REPORT_NAME = "merge_report.json"
+
+
+def return_freed_memory() -> None:
+  """Makes glibc give freed tensor-sized blocks back to the OS at once (no-op elsewhere).
+
+  Without it, per-thread malloc arenas keep the fp32 temporaries of earlier tensors, and the
+  RSS of a long streaming merge creeps up by tens of MB. Allocations ≥ 64 KiB are mmap'ed (freed
+  on free), and the heap is trimmed whenever its top is free.
+  """
+  try:
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-1, 0)        # M_TRIM_THRESHOLD
+    libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
+  except (OSError, AttributeError):
+    pass
 
 
 class CheckpointSource:
@@ -49,6 +65,11 @@ class CheckpointSource:
 
   def origin(self, i):
     return f"{'the base' if i < 0 else f'model {i}'} ({self.dirs[i]})"
+
+  def release(self, name):
+    """Drops the tensor's mmap pages from RSS in every model (after it is merged / counted)."""
+    for r in self.readers:
+      r.release(name)
 
   def where(self, i, name):
     r = self.readers[i]
@@ -78,21 +99,23 @@ def check_architectures(base_dir: Path, model_dirs: Sequence[Path]) -> dict:
 
 
 def merge_checkpoints(base, models: Sequence, out, method: str = "metagpt", *, overwrite: bool = False,
-                      max_shard_size="2GB", progress: bool = True, **options) -> Path:
+                      max_shard_size="2GB", progress: bool = True, mesh=None, **options) -> Path:
   """Merges HF checkpoint directories `models` onto `base` into the HF directory `out`.
 
   Options are those of `merging.merge` (method, weights, lam, density, drop_rate, sparsify,
   convention, trim, vote, normalize, rescale, seed, include, exclude, vocab_policy, out_dtype).
+  `mesh` ("all" or a `jax.sharding.Mesh`; default one device) shards each tensor over the devices.
   Returns `out`. Raises `MergeError` / `CheckpointError` on bad input before any output exists.
   """
   out = check_writable(out, overwrite)
+  return_freed_memory()
   base_dir, model_dirs = Path(base), [Path(m) for m in models]
   for d in (base_dir, *model_dirs):
     if d.absolute() == out:
       raise MergeError(f"output {out} is one of the input models")
   base_cfg = check_architectures(base_dir, model_dirs)
   source = CheckpointSource(base_dir, model_dirs)
-  merger = Merger(source, resolve_checked(method, len(model_dirs), options), progress=progress)
+  merger = Merger(source, resolve_checked(method, len(model_dirs), options), progress=progress, mesh=mesh)
   merger.report.set_models(model_dirs)
   merger.report.data["base"] = str(base_dir)
   merger.prepare()  # statistics passes: before the output directory exists

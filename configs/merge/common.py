@@ -36,6 +36,7 @@ def merge_config(method: str, **options) -> ml_collections.ConfigDict:
   c.overwrite = False
   c.max_shard_size = "2GB"
   c.progress = True
+  c.mesh = ""            # "" one device; "all": every tensor split over all devices (and hosts)
   for k, v in {**OPTIONS, **options}.items():
     c[k] = v
   return c

@@ -1,0 +1,128 @@
+"""The merging experiment ("merge_suite"): fine-tune the tiny base once per task, merge the
+fine-tuned models with every method, score every merged model on every task.
+
+  python -m launch.train --config=configs/merge/suite.py --workdir=DIR
+
+Steps (each reused when its output exists in DIR, so a rerun only does what is missing):
+  1. the base: `config.base_workdir/hf`, trained there by the pretrain method if it is missing;
+  2. one full fine-tune per task (`trainable=["Param"]`, the shared trainer) -> DIR/finetuned/TASK/hf;
+  3. every merge of `merge_specs(config)` through the streaming merge -> DIR/merged/NAME;
+  4. exact-match accuracy of base, fine-tuned and merged models on every task; the normalized
+     accuracy of a merge is mean_t acc_merged(t) / acc_finetuned_t(t) (MetaGPT paper, Table 1),
+     over the tasks whose fine-tuned accuracy is > 0.
+Writes DIR/results.json {"finetuned", "merged", "normalized", ...}, DIR/results.png, and prints
+the table.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+
+from calm_jax import hf
+from calm_jax.experiment import bar_chart, print_table, suite_accuracy, write_results
+from calm_jax.pretrain import lm_batch_loss, mixture_batches, task_registry
+from calm_jax.registry import get_method, register_method
+from calm_jax.tokenizers import load_tokenizer
+from calm_jax.train import train
+from merging.stream import REPORT_NAME, merge_checkpoints
+
+
+def normalized_accuracy(merged: dict, finetuned: dict) -> float:
+  """mean over tasks of merged[t] / finetuned[t] (tasks whose fine-tuned accuracy is 0 are skipped)."""
+  ratios = [merged[t] / finetuned[t] for t in finetuned if finetuned[t] > 0]
+  return float(np.mean(ratios)) if ratios else 0.0
+
+
+def merge_specs(config) -> dict[str, tuple[str, dict]]:
+  """{row name: (method, options)}: the λ grid of task arithmetic and every other method."""
+  m = config.merge
+  specs = {"average": ("average", {})}
+  for lam in m.lambdas:
+    specs[f"task_arithmetic λ={lam:g}"] = ("task_arithmetic", {"lam": float(lam)})
+  specs.update({
+      "ties": ("ties", {"density": m.density}),
+      f"dare λ={m.dare_lam:g}": ("dare", {"drop_rate": m.drop_rate, "lam": m.dare_lam, "seed": int(config.seed)}),
+      "metagpt": ("metagpt", {}),
+      "metagpt+ties": ("metagpt", {"sparsify": "ties", "density": m.density}),
+      "metagpt+dare": ("metagpt", {"sparsify": "dare", "drop_rate": m.drop_rate, "seed": int(config.seed)}),
+  })
+  wanted = lambda row: any(row == w or row.startswith(w + " ") for w in m.methods)  # "task_arithmetic": its grid
+  return {k: v for k, v in specs.items() if not m.methods or wanted(k)}
+
+
+def base_dir(config, workdir: Path) -> Path:
+  """The base's HF directory; trains it (pretrain method) into base_workdir or DIR/base if missing."""
+  from configs.pretrain import get_config
+  root = Path(config.base_workdir) if config.base_workdir else workdir / "base"
+  if not (root / "hf" / "config.json").exists():
+    get_method("pretrain")(get_config(config.base_variant or None), root)
+  return root / "hf"
+
+
+def finetune(config, base_hf: Path, task: str, workdir: Path, tokenizer) -> Path:
+  """Full fine-tune of the base on one task (every nnx.Param trains); returns its HF directory."""
+  out = workdir / "finetuned" / task
+  if (out / "hf" / "config.json").exists():
+    return out / "hf"
+  c = ml_collections.ConfigDict(config.finetune.to_dict())
+  c.seed = int(config.seed)
+  c.data = ml_collections.ConfigDict(dict(tasks={task: 1.0}, seq_len=0, task_args=config.data.task_args.to_dict()))
+  _, _, batch_fn = mixture_batches(c, tokenizer)
+  result = train(hf.load(base_hf), loss_fn=lm_batch_loss, batch_fn=batch_fn, config=c, workdir=out, quiet=True)
+  hf.save(result.model, out / "hf", overwrite=True)
+  tokenizer.save(out / "hf")
+  return out / "hf"
+
+
+@register_method("merge_suite")
+def run(config, workdir) -> dict:
+  t0 = time.time()
+  workdir = Path(workdir)
+  base_hf = base_dir(config, workdir)
+  tokenizer = load_tokenizer(base_hf)
+  registry = task_registry(config)
+  tasks = list(config.tasks)
+  ev = config.eval
+
+  def score(model_dir) -> dict:
+    acc = suite_accuracy(hf.load(model_dir), tokenizer, tasks, n_per_task=ev.n_per_task, split=ev.split,
+                         batch_size=ev.batch_size, registry=registry)
+    return {t: acc[t] for t in tasks}
+
+  ft_dirs = {}
+  for task in tasks:
+    t = time.time()
+    ft_dirs[task] = finetune(config, base_hf, task, workdir, tokenizer)
+    print(f"fine-tuned on {task}: {ft_dirs[task]} ({time.time() - t:.0f} s)")
+  base_acc = score(base_hf)
+  ft_acc = {task: score(d) for task, d in ft_dirs.items()}
+  finetuned = {task: ft_acc[task][task] for task in tasks}
+
+  merged, reports = {}, {}
+  for name, (method, opts) in merge_specs(config).items():
+    out = workdir / "merged" / name.replace(" ", "_").replace("λ=", "lam")
+    merge_checkpoints(base_hf, [ft_dirs[t] for t in tasks], out, method, overwrite=True, progress=False,
+                      mesh=config.merge.mesh or None, **opts)
+    merged[name] = score(out)
+    reports[name] = json.loads((out / REPORT_NAME).read_text()).get("lambdas")
+    if not config.merge.keep:
+      shutil.rmtree(out)
+  normalized = {name: normalized_accuracy(acc, finetuned) for name, acc in merged.items()}
+
+  out = {"finetuned": finetuned, "merged": merged, "normalized": normalized, "base": base_acc,
+         "finetuned_all": ft_acc, "metagpt_lambdas": {k: v for k, v in reports.items() if v},
+         "seconds": time.time() - t0, "tasks": tasks}
+  write_results(workdir, out)
+  rows = {"base": base_acc, "fine-tuned (own task)": finetuned,
+          **{f"fine-tuned on {t}": ft_acc[t] for t in tasks},
+          **{name: {**acc, "normalized": normalized[name]} for name, acc in merged.items()}}
+  print_table("merging the per-task fine-tunes: test accuracy (%), normalized = merged / fine-tuned", rows)
+  bar_chart(workdir / "results.png", {"normalized accuracy": normalized},
+            f"merging {len(tasks)} fine-tunes of the tiny base: normalized accuracy", ylabel="merged / fine-tuned")
+  print(f"results: {workdir / 'results.json'}  chart: {workdir / 'results.png'}  ({out['seconds']:.0f} s)")
+  return out

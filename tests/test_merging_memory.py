@@ -1,0 +1,95 @@
+"""Peak memory of the streaming merge is bounded by a few tensors, not by the model.
+
+A llama-shaped fp32 base and 2 fine-tuned models (≈ 117 MB each, ≈ 350 MB in all, 3 shards
+each, largest tensor the 4 MiB embedding) are written with our `ShardedWriter`; the merge
+(task_arithmetic, then metagpt with its statistics pass) runs in a subprocess that reports its
+own peak RSS. The baseline is the same subprocess merging a tiny checkpoint of the same layout
+(same modules, the same number of kernel compiles, negligible tensors), so the difference is what
+the tensors cost. Bound: growth ≤ 12 × the largest tensor (≈ 50 MB), where holding one model
+would cost 117 MB and the inputs 350 MB.
+"""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from calm_jax.safetensors_io import ShardedWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+BOUND = 12  # × the largest tensor: its 3 mapped inputs, their 3 device copies, 2 fp32 task vectors,
+            # the fp32 merge, the output, and slack for XLA temporaries (measured ≈ 10.6×)
+
+CHILD = r"""
+import json, resource, sys
+import merging
+base, m1, m2, out = sys.argv[1:5]
+peaks = {}
+for method in ("task_arithmetic", "metagpt"):
+  merging.merge_checkpoints(base, [m1, m2], f"{out}/{method}", method, progress=False, max_shard_size="40MB")
+  peaks[method] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps(peaks))
+"""
+
+
+def llama_specs(hidden, inter, vocab, layers):
+  specs = [("model.embed_tokens.weight", (vocab, hidden))]
+  for i in range(layers):
+    p = f"model.layers.{i}."
+    specs += [(p + "input_layernorm.weight", (hidden,))]
+    specs += [(p + f"self_attn.{n}_proj.weight", (hidden, hidden)) for n in "qkvo"]
+    specs += [(p + "post_attention_layernorm.weight", (hidden,))]
+    specs += [(p + "mlp.gate_proj.weight", (inter, hidden)), (p + "mlp.up_proj.weight", (inter, hidden)),
+              (p + "mlp.down_proj.weight", (hidden, inter))]
+  return specs + [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+
+
+def write_models(root: Path, hidden, inter, vocab, layers) -> list[Path]:
+  """Base + 2 fine-tuned (base + 0.01·noise), each in 3 shards; returns [base, ft1, ft2]."""
+  specs = [(n, s, np.dtype(np.float32)) for n, s in llama_specs(hidden, inter, vocab, layers)]
+  total = sum(math.prod(s) * 4 for _, s, _ in specs)
+  cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": hidden,
+         "intermediate_size": inter, "vocab_size": vocab, "num_hidden_layers": layers}
+  rng = np.random.default_rng(0)
+  dirs = [root / n for n in ("base", "ft1", "ft2")]
+  for d in dirs:
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(cfg))
+  writers = [ShardedWriter(d, specs, max_shard_size=total // 3 + 1) for d in dirs]
+  for name, shape, _ in specs:
+    base = rng.standard_normal(shape, dtype=np.float32)
+    writers[0].write(name, base)
+    for w in writers[1:]:
+      w.write(name, base + 0.01 * rng.standard_normal(shape, dtype=np.float32))
+  for w in writers:
+    w.close()
+  return dirs
+
+
+def peak_rss(dirs, out: Path) -> dict:
+  proc = subprocess.run([sys.executable, "-c", CHILD, *map(str, dirs), str(out)], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_streaming_merge_peak_rss_is_a_few_tensors(tmp_path):
+  big = dict(hidden=512, inter=1536, vocab=2048, layers=8)
+  (tmp_path / "big_in").mkdir()
+  dirs = write_models(tmp_path / "big_in", **big)
+  largest = max(math.prod(s) for _, s in llama_specs(**big)) * 4
+  model_bytes = sum(math.prod(s) for _, s in llama_specs(**big)) * 4
+  assert 3 * model_bytes >= 200e6 and largest * BOUND < model_bytes / 2
+  (tmp_path / "small_in").mkdir()
+  small = write_models(tmp_path / "small_in", hidden=64, inter=192, vocab=256, layers=8)
+  base = peak_rss(small, tmp_path / "small_out")
+  peak = peak_rss(dirs, tmp_path / "big_out")
+  assert (tmp_path / "big_out/metagpt/model.safetensors.index.json").exists()
+  for method in peak:
+    growth = peak[method] - base[method]
+    print(f"{method}: peak {peak[method] / 1e6:.0f} MB, baseline {base[method] / 1e6:.0f} MB, "
+          f"growth {growth / 1e6:.1f} MB = {growth / largest:.1f}x the largest tensor ({largest / 1e6:.1f} MB); "
+          f"one model {model_bytes / 1e6:.0f} MB")
+    assert growth <= BOUND * largest, (method, growth, largest)
