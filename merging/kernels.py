@@ -94,6 +94,22 @@ def _rescale(tau, kept, how, keep):
   return kept
 
 
+def kth_largest(mag, k: int):
+  """Exact k-th largest of non-negative fp32 values by a two-pass radix select, O(n) (a full sort
+  of a 30M-entry tensor is ~20x slower on CPU). Non-negative fp32 bit patterns order like values."""
+  bits = _bits(mag)
+  hi = (bits >> 16).astype(jnp.int32)
+  hist = jnp.bincount(hi, length=HI_BINS)
+  ge = jnp.cumsum(hist[::-1])[::-1]                    # ge[b] = #entries with top bits >= b
+  b = jnp.max(jnp.where(ge >= k, jnp.arange(HI_BINS), -1))
+  above = jnp.where(b + 1 < HI_BINS, ge[jnp.minimum(b + 1, HI_BINS - 1)], 0)
+  lo = (bits & 0xFFFF).astype(jnp.int32)
+  hist_lo = jnp.bincount(lo, weights=(hi == b).astype(jnp.int32), length=LO_BINS)
+  ge_lo = jnp.cumsum(hist_lo[::-1])[::-1]
+  l = jnp.max(jnp.where(ge_lo >= k - above, jnp.arange(LO_BINS), -1))
+  return jax.lax.bitcast_convert_type(((b << 16) | l).astype(jnp.uint32), F32)
+
+
 def _sparsify(tau, spec: KernelSpec, thresholds, key):
   """Step 1: (τ̂ [T, n], keep mask [T, n])."""
   if spec.sparsify == "none":
@@ -104,8 +120,7 @@ def _sparsify(tau, spec: KernelSpec, thresholds, key):
       thr = thresholds
     else:  # k-th largest magnitude of the tensor, k = max(1, int(density·n)), as mergekit
       n = mag.shape[1]
-      ordered = jnp.sort(mag, axis=1)
-      thr = jnp.stack([ordered[i, n - max(1, int(d * n))] if d < 1 else jnp.zeros((), F32)
+      thr = jnp.stack([kth_largest(mag[i], max(1, int(d * n))) if d < 1 else jnp.zeros((), F32)
                        for i, d in enumerate(spec.keep)])
     mask = mag >= thr[:, None]
   else:  # random: DARE, keep with probability 1 − p

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import merge_zoo
 import ml_dtypes
 import numpy as np
@@ -459,3 +461,14 @@ def test_stream_sigkill_leaves_no_output(zoo, tmp_path):
     assert killed, f"merge ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
     assert proc.returncode == -signal.SIGKILL
     assert not out.exists()
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (1000, 1), (1000, 437), (1000, 1000), (70000, 35000)])
+def test_kth_largest_radix_select_equals_sort(n, k):
+    """The per-tensor TIES threshold (radix select) equals numpy's sort, ties and zeros included."""
+    rng = np.random.default_rng(n + k)
+    x = np.abs(rng.standard_normal(n).astype(np.float32))
+    x[: n // 10] = x[n // 10 // 2] if n >= 10 else x[:1]  # a run of equal magnitudes
+    x[n // 10: n // 5] = 0.0
+    got = float(jax.jit(kernels.kth_largest, static_argnums=1)(jnp.asarray(x), k))
+    assert got == float(np.sort(x)[n - k])
