@@ -151,6 +151,32 @@ def _combine(tau_hat, weights, spec: KernelSpec):
   return mixed, agree
 
 
+def _weighted_sum(base, models, weights, lam, spec: KernelSpec, out_dtype):
+  """Task arithmetic / MetaGPT without sparsification: θ_0 + λ Σ_i w_i τ_i / D, one model at a time.
+
+  Same result and statistics as the general path, without materialising the [T, n] stack of task
+  vectors and masks (the general path is several times slower on CPU for this, the common case).
+  """
+  b = base.astype(F32)
+  acc = jnp.zeros_like(b)
+  sq, kept, finite = [], [], [jnp.isfinite(b).all()]
+  for i, m in enumerate(models):
+    t = m.astype(F32) - b
+    acc = acc + weights[i] * t
+    sq.append(jnp.sum(t * t))
+    kept.append(jnp.sum((t != 0).astype(jnp.int32)))
+    finite.append(jnp.isfinite(m.astype(F32)).all())
+  if spec.normalize == "count":
+    acc = acc / F32(len(models))
+  elif spec.normalize == "weight":
+    d = jnp.sum(weights)
+    acc = acc / jnp.where(jnp.abs(d) < 1e-8, 1.0, d)
+  merged32 = b + acc * lam
+  stats = {"sq": jnp.stack(sq), "finite": jnp.stack(finite), "kept": jnp.stack(kept),
+           "delta_sq": jnp.sum(jnp.square(merged32 - b))}
+  return merged32.astype(out_dtype), stats
+
+
 @functools.partial(jax.jit, static_argnames=("spec",))
 def merge_tensor(base, models, weights, lam, thresholds, key, *, spec: KernelSpec):
   """One merged tensor and its statistics.
@@ -162,6 +188,8 @@ def merge_tensor(base, models, weights, lam, thresholds, key, *, spec: KernelSpe
   "sq": ‖τ_i‖² [T], "finite": [T+1]}).
   """
   out_dtype = jnp.dtype(spec.out_dtype) if spec.out_dtype else base.dtype
+  if spec.mode != "linear" and spec.sparsify == "none" and not spec.consensus:
+    return _weighted_sum(base, models, weights, lam, spec, out_dtype)
   b, tau = _deltas(base, models)
   stats = {"sq": _per_model_sum(tau * tau), "finite": _finite(base, models)}
   if spec.mode == "linear":  # Σ w_i θ_i / Σ w_i
