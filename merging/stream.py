@@ -8,6 +8,11 @@ model, fp32 temporaries) plus the write buffer, not the model. Methods with glob
 The output is an HF directory: config.json and the tokenizer / generation files copied from
 the base, sharded safetensors + index, and `merge_report.json`; it is written under a
 temporary name and renamed into place, so a failed or killed merge leaves no output directory.
+
+Several hosts (`jax.distributed`, mesh="all"): every process runs the same merge over the same
+input files (a shared filesystem) and reads only its devices' slices of each tensor; merged
+tensors are gathered to the hosts and process 0 alone writes the output, which exists for every
+process when the call returns.
 """
 from __future__ import annotations
 
@@ -17,7 +22,9 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from calm_jax.atomic import atomic_dir, check_writable
 from calm_jax.hf import AUX_FILES
@@ -98,6 +105,14 @@ def check_architectures(base_dir: Path, model_dirs: Sequence[Path]) -> dict:
   return base
 
 
+def to_host(x) -> np.ndarray:
+  """The full value of a (possibly multi-host sharded) array on this host; a collective when the
+  array spans several processes, so every process must call it."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
 def merge_checkpoints(base, models: Sequence, out, method: str = "metagpt", *, overwrite: bool = False,
                       max_shard_size="2GB", progress: bool = True, mesh=None, **options) -> Path:
   """Merges HF checkpoint directories `models` onto `base` into the HF directory `out`.
@@ -107,7 +122,8 @@ def merge_checkpoints(base, models: Sequence, out, method: str = "metagpt", *, o
   `mesh` ("all" or a `jax.sharding.Mesh`; default one device) shards each tensor over the devices.
   Returns `out`. Raises `MergeError` / `CheckpointError` on bad input before any output exists.
   """
-  out = check_writable(out, overwrite)
+  main = jax.process_index() == 0
+  out = check_writable(out, overwrite)  # on every process, so all fail alike before any collective
   return_freed_memory()
   base_dir, model_dirs = Path(base), [Path(m) for m in models]
   for d in (base_dir, *model_dirs):
@@ -125,6 +141,11 @@ def merge_checkpoints(base, models: Sequence, out, method: str = "metagpt", *, o
   if out_dtype:
     base_cfg["dtype"] = out_dtype
     base_cfg.pop("torch_dtype", None)
+  if not main:  # the collectives of every tensor, in the same order as process 0; it writes
+    for _, tensor in merger:
+      to_host(tensor)
+    multihost_utils.sync_global_devices("merge_checkpoints: written")
+    return out
   with atomic_dir(out, overwrite=overwrite) as tmp:
     for f in AUX_FILES:
       if (base_dir / f).exists():
@@ -132,6 +153,8 @@ def merge_checkpoints(base, models: Sequence, out, method: str = "metagpt", *, o
     (tmp / "config.json").write_text(json.dumps(base_cfg, indent=2))
     with ShardedWriter(tmp, specs, max_shard_size, metadata={"merge_method": method}) as writer:
       for name, tensor in merger:
-        writer.write(name, np.asarray(tensor))
+        writer.write(name, to_host(tensor))
     merger.report.write(tmp / REPORT_NAME)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("merge_checkpoints: written")
   return out

@@ -9,9 +9,12 @@ Steps (each reused when its output exists in DIR, so a rerun only does what is m
   3. every merge of `merge_specs(config)` through the streaming merge -> DIR/merged/NAME;
   4. exact-match accuracy of base, fine-tuned and merged models on every task; the normalized
      accuracy of a merge is mean_t acc_merged(t) / acc_finetuned_t(t) (MetaGPT paper, Table 1),
-     over the tasks whose fine-tuned accuracy is > 0.
-Writes DIR/results.json {"finetuned", "merged", "normalized", ...}, DIR/results.png, and prints
-the table.
+     over the tasks whose fine-tuned accuracy is > 0;
+  5. task arithmetic's λ chosen as a practitioner would: the grid point with the best normalized
+     accuracy on the *validation* split, reported on the test split ("task_arithmetic (val λ)").
+     MetaGPT needs no such search: that is its point.
+Writes DIR/results.json {"finetuned", "merged", "normalized", "selected_lambda", ...},
+DIR/results.png, and prints the table.
 """
 from __future__ import annotations
 
@@ -89,8 +92,8 @@ def run(config, workdir) -> dict:
   tasks = list(config.tasks)
   ev = config.eval
 
-  def score(model_dir) -> dict:
-    acc = suite_accuracy(hf.load(model_dir), tokenizer, tasks, n_per_task=ev.n_per_task, split=ev.split,
+  def score(model_dir, split=ev.split) -> dict:
+    acc = suite_accuracy(hf.load(model_dir), tokenizer, tasks, n_per_task=ev.n_per_task, split=split,
                          batch_size=ev.batch_size, registry=registry)
     return {t: acc[t] for t in tasks}
 
@@ -103,19 +106,30 @@ def run(config, workdir) -> dict:
   ft_acc = {task: score(d) for task, d in ft_dirs.items()}
   finetuned = {task: ft_acc[task][task] for task in tasks}
 
-  merged, reports = {}, {}
-  for name, (method, opts) in merge_specs(config).items():
+  specs = merge_specs(config)
+  grid = {name: opts["lam"] for name, (method, opts) in specs.items() if method == "task_arithmetic"}
+  finetuned_val = {task: score(d, "val")[task] for task, d in ft_dirs.items()} if grid else {}
+  merged, reports, val_normalized = {}, {}, {}
+  for name, (method, opts) in specs.items():
     out = workdir / "merged" / name.replace(" ", "_").replace("λ=", "lam")
     merge_checkpoints(base_hf, [ft_dirs[t] for t in tasks], out, method, overwrite=True, progress=False,
                       mesh=config.merge.mesh or None, **opts)
     merged[name] = score(out)
+    if name in grid:
+      val_normalized[name] = normalized_accuracy(score(out, "val"), finetuned_val)
     reports[name] = json.loads((out / REPORT_NAME).read_text()).get("lambdas")
     if not config.merge.keep:
       shutil.rmtree(out)
+  selected = None
+  if val_normalized:
+    best = max(val_normalized, key=lambda k: (val_normalized[k], -grid[k]))  # ties: the smaller λ
+    selected = {"row": best, "lam": grid[best], "val_normalized": val_normalized}
+    merged["task_arithmetic (val λ)"] = merged[best]
   normalized = {name: normalized_accuracy(acc, finetuned) for name, acc in merged.items()}
 
   out = {"finetuned": finetuned, "merged": merged, "normalized": normalized, "base": base_acc,
          "finetuned_all": ft_acc, "metagpt_lambdas": {k: v for k, v in reports.items() if v},
+         "selected_lambda": selected,
          "seconds": time.time() - t0, "tasks": tasks}
   write_results(workdir, out)
   rows = {"base": base_acc, "fine-tuned (own task)": finetuned,
@@ -124,5 +138,7 @@ def run(config, workdir) -> dict:
   print_table("merging the per-task fine-tunes: test accuracy (%), normalized = merged / fine-tuned", rows)
   bar_chart(workdir / "results.png", {"normalized accuracy": normalized},
             f"merging {len(tasks)} fine-tunes of the tiny base: normalized accuracy", ylabel="merged / fine-tuned")
+  if selected:
+    print(f"task arithmetic: λ={selected['lam']:g} selected on the validation split")
   print(f"results: {workdir / 'results.json'}  chart: {workdir / 'results.png'}  ({out['seconds']:.0f} s)")
   return out

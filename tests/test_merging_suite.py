@@ -26,7 +26,13 @@ def test_merge_suite_tiny(tiny_base_dir, tmp_path):
   res = json.loads((tmp_path / "results.json").read_text())
   tasks = ["addition", "max"]
   assert set(res["finetuned"]) == set(tasks)
-  assert set(res["merged"]) == {"task_arithmetic λ=0.5", "metagpt", "metagpt+ties"}
+  assert set(res["merged"]) == {"task_arithmetic λ=0.2", "task_arithmetic λ=0.6", "task_arithmetic (val λ)",
+                                "metagpt", "metagpt+ties"}
+  sel = res["selected_lambda"]  # the grid point best on the validation split, reported on test
+  assert set(sel["val_normalized"]) == {"task_arithmetic λ=0.2", "task_arithmetic λ=0.6"}
+  best = max(sel["val_normalized"].values())
+  assert sel["val_normalized"][sel["row"]] == best and sel["lam"] in (0.2, 0.6)
+  assert res["merged"]["task_arithmetic (val λ)"] == res["merged"][sel["row"]]
   assert set(res["normalized"]) == set(res["merged"])
   for name, acc in res["merged"].items():
     assert set(acc) == set(tasks)

@@ -49,7 +49,7 @@ def get_config(arg=None):
     c.finetune.steps = 4
     c.finetune.batch_size = 8
     c.finetune.log_every = 2
-    c.merge.lambdas = [0.5]
+    c.merge.lambdas = [0.2, 0.6]
     c.merge.methods = ["task_arithmetic", "metagpt", "metagpt+ties"]
     c.merge.keep = False
     c.eval.update(n_per_task=8, batch_size=64)
