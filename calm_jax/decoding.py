@@ -20,6 +20,15 @@ Conventions (documented once, used everywhere):
   the chosen token: the policy log-likelihood REINFORCE needs, independent of how we sampled.
 * Sampling order is HF's: temperature, then top-k, then top-p (nucleus), then categorical;
   temperature 0 is greedy (argmax, first index on ties, like torch).
+
+Layer loop of the decode steps (`layer_loop`): the prompt is prefilled by the layer scan (one
+compile whatever the depth); each generated token then runs the layers either as that scan
+("scan") or unrolled over per-layer weight buffers sliced once per call before the loop
+("unroll"). On the XLA CPU backend the scan's per-step dynamic slice of every stacked weight is a
+copy (a weight-sized write and read per layer and token: decode is memory-bound, so this was
+~1/3 of a step), which "unroll" avoids at the price of a second copy of the layer weights for
+the duration of the call and a compile that grows with depth. "auto" = unroll on CPU, scan
+on accelerators (where weight memory is the scarce resource).
 """
 from __future__ import annotations
 
@@ -31,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from calm_jax.models.config import DecoderConfig
-from calm_jax.models.decoder import PLAIN, Hooks, KVCache, forward
+from calm_jax.models.decoder import PLAIN, Hooks, KVCache, forward, unstack_cache, unstack_layers
 
 StepFn = Callable[[Any, jax.Array], tuple[jax.Array, Any]]
 
@@ -162,13 +171,23 @@ def default_pad_id(cfg: DecoderConfig, eos_ids: Sequence[int] = ()) -> int:
   return int(eos[0]) if eos else 0
 
 
+def resolve_layer_loop(layer_loop: str) -> str:
+  """"scan" | "unroll" from "scan" | "unroll" | "auto" (unroll on the CPU backend)."""
+  if layer_loop == "auto":
+    return "unroll" if jax.default_backend() == "cpu" else "scan"
+  if layer_loop not in ("scan", "unroll"):
+    raise ValueError(f"layer_loop must be 'auto', 'scan' or 'unroll', got {layer_loop!r}")
+  return layer_loop
+
+
 def generate_arrays(cfg: DecoderConfig, params, tokens, valid, key, *, max_new_tokens: int, temperature=0.0,
                     top_k: int = 0, top_p=1.0, eos_ids: Sequence[int] | None = None, pad_id: int | None = None,
-                    done=None, hooks: Hooks = PLAIN, extra=None):
+                    done=None, hooks: Hooks = PLAIN, extra=None, layer_loop: str = "auto"):
   """Generates from a left-padded batch: tokens/valid [B, P] (the last column must be a real token).
 
-  Pure and unjitted: wrap it in `jax.jit` (cfg, max_new_tokens, top_k, eos_ids, pad_id, hooks
-  static) or `jax.vmap` it over a stack of `params`. eos_ids None = the config's.
+  Pure and unjitted: wrap it in `jax.jit` (cfg, max_new_tokens, top_k, eos_ids, pad_id, hooks,
+  layer_loop static) or `jax.vmap` it over a stack of `params`. eos_ids None = the config's.
+  layer_loop: how decode steps run the layers (module docstring).
   Returns (new_tokens [B, N] int32 padded with pad_id, logprobs [B, N] fp32, lengths [B] int32).
   """
   if int(max_new_tokens) < 1:
@@ -180,6 +199,9 @@ def generate_arrays(cfg: DecoderConfig, params, tokens, valid, key, *, max_new_t
   # The last generated token is never fed back, so the cache needs P + N - 1 slots.
   cache_length = tokens.shape[1] + int(max_new_tokens) - 1
   logits, state = prefill(cfg, params, tokens, valid, cache_length=cache_length, hooks=hooks, extra=extra)
+  if resolve_layer_loop(layer_loop) == "unroll":
+    params = {**params, "layers": unstack_layers(params["layers"])}
+    state = (unstack_cache(state[0]), state[1])
   step = functools.partial(decoder_step, cfg, params, hooks=hooks, extra=extra)
   toks, lps, lengths, _ = decode(step, state, logits, key, max_new_tokens=max_new_tokens, temperature=temperature,
                                  top_k=top_k, top_p=top_p, eos_ids=eos_ids, pad_id=pad_id, done=done)
@@ -187,13 +209,13 @@ def generate_arrays(cfg: DecoderConfig, params, tokens, valid, key, *, max_new_t
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy", "top_k", "nucleus", "eos_ids",
-                                             "pad_id", "hooks"))
+                                             "pad_id", "hooks", "layer_loop"))
 def _generate_jit(cfg, params, tokens, valid, done, key, temperature, top_p, extra, *, max_new_tokens, greedy,
-                  top_k, nucleus, eos_ids, pad_id, hooks):
+                  top_k, nucleus, eos_ids, pad_id, hooks, layer_loop):
   return generate_arrays(cfg, params, tokens, valid, key, max_new_tokens=max_new_tokens,
                          temperature=0.0 if greedy else temperature, top_k=top_k,
                          top_p=top_p if nucleus else 1.0, eos_ids=eos_ids, pad_id=pad_id, done=done,
-                         hooks=hooks, extra=extra)
+                         hooks=hooks, extra=extra, layer_loop=layer_loop)
 
 
 def bucket(n: int, multiple: int) -> int:
@@ -215,7 +237,7 @@ def _eos_tuple(eos_token_id, cfg: DecoderConfig) -> tuple[int, ...]:
 def generate(model, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, eos_token_id=None, return_logprobs: bool = False, *,
              params=None, hooks: Hooks = PLAIN, extra=None, pad_batch: bool = True,
-             prompt_multiple: int = 16, batch_multiple: int = 8):
+             prompt_multiple: int = 16, batch_multiple: int = 8, layer_loop: str = "auto"):
   """New token ids per prompt (list of lists), each ending at its first EOS (included) if any.
 
   model: a `Decoder` (its config and params are used; `params=` overrides the weights, e.g. a
@@ -227,6 +249,7 @@ def generate(model, prompts, max_new_tokens: int = 32, temperature: float = 0.0,
   raw (untempered, unfiltered) logits at tokens[i][j].
   The prompt length is bucketed (power of two up to `prompt_multiple`, then multiples of it)
   and so is the batch (`batch_multiple`), so one compiled program serves many shapes.
+  layer_loop: "auto" | "scan" | "unroll", how decode steps run the layers (module docstring).
   """
   cfg = model.config
   params = model.params() if params is None else params
@@ -256,7 +279,7 @@ def generate(model, prompts, max_new_tokens: int = 32, temperature: float = 0.0,
   toks, lps, lengths = _generate_jit(
       cfg, params, tokens, valid, done, jax.random.key(seed), jnp.float32(temperature if not greedy else 1.0),
       jnp.float32(top_p), extra, max_new_tokens=int(max_new_tokens), greedy=greedy, top_k=int(top_k),
-      nucleus=top_p < 1.0, eos_ids=eos_ids, pad_id=pad_id, hooks=hooks)
+      nucleus=top_p < 1.0, eos_ids=eos_ids, pad_id=pad_id, hooks=hooks, layer_loop=resolve_layer_loop(layer_loop))
   toks, lps, lengths = jax.device_get((toks, lps, lengths))
   out = [toks[i, :lengths[i]].tolist() for i in range(b)]
   if return_logprobs:

@@ -283,6 +283,23 @@ def test_generate_arrays_vmaps_over_params(models):
     assert not np.array_equal(toks[0], toks[1])
 
 
+@pytest.mark.parametrize("kind", ["mistral_window", "qwen2_mixed_window"])
+def test_unrolled_and_scanned_layer_loops_agree(models, kind):
+    """Decode steps over per-layer buffers ("unroll", the CPU default) equal the layer scan,
+    tokens and log-probs, with sliding windows and with a hook reading per-layer `extra`."""
+    _, model = models(kind)
+    prompts = _prompts(8)
+    scale = jnp.linspace(0.5, -1.0, model.config.num_layers)
+    for kw in ({}, dict(hooks=_ScaleDown(), extra={"scale": scale})):
+        runs = [decoding.generate(model, prompts, max_new_tokens=9, eos_token_id=[], return_logprobs=True,
+                                  layer_loop=loop, **kw) for loop in ("scan", "unroll")]
+        assert runs[0][0] == runs[1][0]
+        for a, b in zip(runs[0][1], runs[1][1]):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+    with pytest.raises(ValueError, match="layer_loop"):
+        decoding.generate(model, prompts, layer_loop="loop")
+
+
 def test_bad_input():
     cfg = DecoderConfig.make(vocab_size=11, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                              num_attention_heads=2)

@@ -122,7 +122,16 @@ class Hooks:
     return None
 
   def dense(self, name, x, w, extra, ctx):
-    return jnp.einsum(DENSE_EQ[name], x, w)
+    return dense(name, x, w)
+
+
+def dense(name, x, w):
+  """The projection `name` of activations x by weight w (DENSE_EQ). The output projection runs as
+  one [H*D, E] matmul: as the einsum, XLA on CPU transposes the weight to the attention output's
+  layout, a weight-sized copy per call."""
+  if name == "o":
+    return jnp.einsum("btf,fe->bte", x.reshape(*x.shape[:2], -1), w.reshape(-1, w.shape[-1]))
+  return jnp.einsum(DENSE_EQ[name], x, w)
 
 
 PLAIN = Hooks()
@@ -155,10 +164,11 @@ def unembed(cfg: DecoderConfig, params, h):
 
 
 def _layer(cfg, hooks, h, p, window, kv_cache, extra, *, cos, sin, q_slots, kv_valid, index, layer):
-  """One pre-norm decoder block; returns (new h, the stacked (k, v) cache with this layer's slots written, or None).
+  """One pre-norm decoder block; returns (new h, the (k, v) cache with this layer's slots written, or None).
 
   kv_cache: (k, v) of all scanned layers [n, B, KV, S, D] (a scan carry, so the write is in place
-  instead of re-stacking a copy of the whole cache per layer); `layer` indexes into it.
+  instead of re-stacking a copy of the whole cache per layer) with `layer` indexing into it; or,
+  with layer=None, this layer's own (k, v) [B, KV, S, D] (unstacked layers).
   """
   ctx = hooks.begin_layer(h, extra, kv_valid)
   x = rms_norm(h, p["attn_norm"], cfg.rms_norm_eps)
@@ -170,11 +180,15 @@ def _layer(cfg, hooks, h, p, window, kv_cache, extra, *, cos, sin, q_slots, kv_v
   q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
   if kv_cache is not None:
     kc, vc = kv_cache
-    kc = jax.lax.dynamic_update_slice(kc, k.swapaxes(1, 2)[None].astype(kc.dtype), (layer, 0, 0, index, 0))
-    vc = jax.lax.dynamic_update_slice(vc, v.swapaxes(1, 2)[None].astype(vc.dtype), (layer, 0, 0, index, 0))
+    if layer is None:
+      k = kc = jax.lax.dynamic_update_slice(kc, k.swapaxes(1, 2).astype(kc.dtype), (0, 0, index, 0))
+      v = vc = jax.lax.dynamic_update_slice(vc, v.swapaxes(1, 2).astype(vc.dtype), (0, 0, index, 0))
+    else:
+      kc = jax.lax.dynamic_update_slice(kc, k.swapaxes(1, 2)[None].astype(kc.dtype), (layer, 0, 0, index, 0))
+      vc = jax.lax.dynamic_update_slice(vc, v.swapaxes(1, 2)[None].astype(vc.dtype), (layer, 0, 0, index, 0))
+      k = jax.lax.dynamic_index_in_dim(kc, layer, keepdims=False)
+      v = jax.lax.dynamic_index_in_dim(vc, layer, keepdims=False)
     kv_cache = (kc, vc)
-    k = jax.lax.dynamic_index_in_dim(kc, layer, keepdims=False)
-    v = jax.lax.dynamic_index_in_dim(vc, layer, keepdims=False)
   mask = attention_mask(q_slots, kv_valid, window if cfg.has_sliding_window else None)
   a = gqa_attention(q, k, v, mask, heads_major=kv_cache is not None)
   a = hooks.dense("o", a, p["o"], extra, ctx)
@@ -192,24 +206,55 @@ def _layer(cfg, hooks, h, p, window, kv_cache, extra, *, cos, sin, q_slots, kv_v
   return h + m.astype(h.dtype), kv_cache
 
 
+def unstack_layers(layers) -> list:
+  """The stacked layer dict as a list of per-layer dicts (static slices)."""
+  n = jax.tree.leaves(layers)[0].shape[0]
+  return [jax.tree.map(lambda x, i=i: x[i], layers) for i in range(n)]
+
+
+def unstack_cache(cache: KVCache) -> KVCache:
+  """A stacked cache as per-layer tuples of [B, KV, S, D] (the layout of unstacked layers)."""
+  n = cache.k.shape[0]
+  return KVCache(tuple(cache.k[i] for i in range(n)), tuple(cache.v[i] for i in range(n)), cache.valid, cache.index)
+
+
 def run_layers(cfg: DecoderConfig, layers, h, *, positions, kv_valid, cache: KVCache | None = None,
                layer_ids=None, hooks: Hooks = PLAIN, extra=None, return_hidden=False, remat=False):
   """Scans a stack of layers (any contiguous slice of them) over the residual stream h [B,T,E].
 
   kv_valid: [B, S] validity of attention keys (S = T without a cache, cache length with one).
   layer_ids: global indices of the stacked layers (for per-layer sliding windows); all by default.
+  `layers` may also be a list of per-layer dicts (`unstack_layers`), with the cache's k/v as
+  per-layer tuples (`unstack_cache`): the layers then run as an unrolled Python loop, each
+  reading its own weight buffers. That is the decode path on CPU, where the scan's per-step
+  dynamic slice of every stacked weight is a copy (see `calm_jax.decoding`, `layer_loop`).
   Returns (h, new_cache_kv or None, hidden [n, B, T, E] or None).
   """
-  n = jax.tree.leaves(layers)[0].shape[0]
+  unstacked = isinstance(layers, (list, tuple))
+  n = len(layers) if unstacked else jax.tree.leaves(layers)[0].shape[0]
   if layer_ids is None:
     layer_ids = np.arange(n)
-  windows = jnp.asarray(np.asarray(cfg.layer_windows, np.int32)[np.asarray(layer_ids)])
   cos, sin = rope_tables(cfg, positions)
   t = h.shape[1]
   index = cache.index if cache is not None else jnp.zeros((), jnp.int32)
   q_slots = index + jnp.arange(t)
   body = functools.partial(_layer, cfg, hooks, cos=cos, sin=sin, q_slots=q_slots,
                            kv_valid=kv_valid, index=index)
+  if unstacked:
+    ks, vs, hidden = [], [], []
+    for i, p in enumerate(layers):
+      kv = None if cache is None else (cache.k[i], cache.v[i])
+      ex = None if extra is None else jax.tree.map(lambda x, i=i: x[i], extra)
+      layer = functools.partial(body, window=int(cfg.layer_windows[int(layer_ids[i])]), layer=None)
+      h, kv = (jax.checkpoint(layer) if remat else layer)(h, p, kv_cache=kv, extra=ex)
+      if kv is not None:
+        ks.append(kv[0])
+        vs.append(kv[1])
+      if return_hidden:
+        hidden.append(h)
+    return h, (None if cache is None else (tuple(ks), tuple(vs))), (jnp.stack(hidden) if return_hidden else None)
+
+  windows = jnp.asarray(np.asarray(cfg.layer_windows, np.int32)[np.asarray(layer_ids)])
 
   def step(carry, xs):
     h, kv = carry

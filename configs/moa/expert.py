@@ -1,0 +1,31 @@
+"""One MoA domain expert: a LoRA of the tiny base trained on one domain's data.
+
+  python -m launch.train --config=configs/moa/expert.py:domain=count --workdir=DIR [--config.base_workdir=BASE]
+
+Writes DIR/adapter (adapter.safetensors + adapter_config.json with the base fingerprint) and
+DIR/results.json ({"base_accuracy", "accuracy"} on the domain's test split). `:tiny`: a few steps.
+"""
+import ml_collections
+
+from configs.common import parse_arg
+from configs.moa.common import TASK_ARGS, lora_block, lora_training
+
+
+def get_config(arg=None):
+  a = parse_arg(arg, domain="count", tiny=False)
+  c = ml_collections.ConfigDict()
+  c.method = "moa_expert"
+  c.seed = 0
+  c.base_workdir = "runs/demo/base"   # its hf/ is the base; trained there if missing
+  c.domain = a.domain
+  c.data = ml_collections.ConfigDict(dict(task_args={k: dict(v) for k, v in TASK_ARGS.items()}))
+  c.lora = lora_block()
+  c.train = lora_training(steps=300)
+  c.eval = ml_collections.ConfigDict(dict(n_per_task=100, batch_size=256, split="test"))
+  if a.tiny:
+    c.train.steps = 4
+    c.train.batch_size = 8
+    c.train.log_every = 2
+    c.lora.rank = 2
+    c.eval.update(n_per_task=8, batch_size=64)
+  return c

@@ -1,0 +1,95 @@
+"""Training one LoRA on a task mixture (a domain expert, or the single-LoRA baseline), and the
+"moa_expert" method: `python -m launch.train --config=configs/moa/expert.py:domain=count --workdir=DIR`.
+
+The adapter is trained with the shared trainer (`trainable=["LoRAParam"]`: the base gets no
+gradient and no optimizer state) and saved on its own in DIR/adapter (safetensors + JSON with
+the base's fingerprint), where `moa.experts.load_experts` stacks it with the other domains'.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+
+from calm_jax import hf, sharding
+from calm_jax.experiment import print_table, suite_accuracy, write_results
+from calm_jax.lora import ADAPTER_CONFIG, LoRAModel, LoRASpec, load_adapter, save_adapter
+from calm_jax.pretrain import mixture_batches, task_registry
+from calm_jax.registry import get_method, register_method
+from calm_jax.tokenizers import load_tokenizer
+from calm_jax.train import lm_loss, train
+
+
+def lora_lm_loss(model: LoRAModel, batch, rng):
+  """Next-token loss on answer tokens (LoRA dropout draws from rng)."""
+  logits = model(batch["inputs"], batch["attention_mask"], rng=rng)
+  return lm_loss(logits, batch["targets"], batch["loss_mask"])
+
+
+def mesh_of(train_cfg):
+  """The config's mesh; one with fixed sizes (the tiny-model default, 1 x 1 x 1) takes the first devices."""
+  sizes = [int(n) for _, n in train_cfg.mesh]
+  if all(n > 0 for n in sizes):
+    return sharding.make_mesh(train_cfg.mesh, devices=jax.devices()[:math.prod(sizes)])
+  return sharding.make_mesh(train_cfg.mesh)
+
+
+def base_hf_dir(base_workdir, fallback: Path, variant: str = "") -> Path:
+  """BASE/hf; the pretrain method trains it there first if it is missing."""
+  from configs.pretrain import get_config
+  root = Path(base_workdir) if base_workdir else fallback
+  if not (root / "hf" / "config.json").exists():
+    get_method("pretrain")(get_config(variant or None), root)
+  return root / "hf"
+
+
+def train_lora(base_hf, tasks: dict[str, float], lora_cfg, train_cfg, task_args, workdir, *,
+               metadata: dict | None = None, quiet: bool = True) -> Path:
+  """Trains a LoRA of the base on `tasks` ({name: weight}); returns WORKDIR/adapter (reused if present)."""
+  workdir = Path(workdir)
+  out = workdir / "adapter"
+  if (out / ADAPTER_CONFIG).exists():
+    return out
+  tokenizer = load_tokenizer(base_hf)
+  base = hf.load(base_hf)
+  spec = LoRASpec.from_config(base.config, lora_cfg)
+  c = ml_collections.ConfigDict(train_cfg.to_dict())
+  c.trainable = ["LoRAParam"]
+  c.data = ml_collections.ConfigDict(dict(tasks=dict(tasks), seq_len=0, task_args=dict(task_args)))
+  model = LoRAModel(base, spec, seed=int(c.seed))
+  _, _, batch_fn = mixture_batches(c, tokenizer)
+  result = train(model, loss_fn=lora_lm_loss, batch_fn=batch_fn, config=c, workdir=workdir, mesh=mesh_of(c),
+                 quiet=quiet)
+  save_adapter(out, result.model.factors(), spec, base.params(), overwrite=True,
+               metadata={"tasks": dict(tasks), "steps": int(c.steps), "final_loss": result.metrics.get("loss"),
+                         **(metadata or {})})
+  return out
+
+
+@register_method("moa_expert")
+def run(config, workdir) -> dict:
+  """One domain expert: train, save the adapter, score base vs base+adapter on the domain."""
+  t0 = time.time()
+  workdir = Path(workdir)
+  base_hf = base_hf_dir(config.base_workdir, workdir / "base")
+  adapter = train_lora(base_hf, {config.domain: 1.0}, config.lora, config.train, config.data.task_args, workdir,
+                       metadata={"domain": config.domain}, quiet=False)
+  tokenizer = load_tokenizer(base_hf)
+  base = hf.load(base_hf)
+  lora, spec, meta = load_adapter(adapter, base.params(), cfg=base.config)
+  registry = task_registry(config)
+  ev = config.eval
+  score = lambda m: suite_accuracy(m, tokenizer, [config.domain], n_per_task=ev.n_per_task, split=ev.split,
+                                   batch_size=ev.batch_size, registry=registry)[config.domain]
+  adapted = LoRAModel(base, spec, lora=lora).merged()  # merged weights: exact, and the fastest decode
+  out = {"domain": config.domain, "base_accuracy": score(base), "accuracy": score(adapted),
+         "adapter": str(adapter), "seconds": time.time() - t0, "final_loss": meta.get("final_loss")}
+  if jax.process_index() == 0:
+    write_results(workdir, out)
+  print_table(f"LoRA expert for {config.domain}: test accuracy (%)",
+              {"base": {config.domain: out["base_accuracy"]}, "base + LoRA": {config.domain: out["accuracy"]}})
+  print(f"adapter: {adapter}  results: {workdir / 'results.json'}")
+  return out

@@ -1,0 +1,63 @@
+"""MoA on the trained tiny base (session fixture `tiny_base_dir`): router accuracy on held-out
+labelled prompts of the suite's domains above the stated level, and the tiny suite end to end
+(results.json in the interface's format; the oracle mode equals each expert merged into the
+weights and scored on its own domain)."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from calm_jax import hf, lora as L
+from calm_jax.pretrain import task_registry
+from calm_jax.registry import get_method
+from calm_jax.tokenizers import load_tokenizer
+from configs.moa.suite import get_config
+from moa import evaluate as E
+from moa.experts import stack_loras
+from moa.suite import MODES, train_moa
+
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
+
+def test_router_accuracy_on_suite_domains(tiny_base_dir, tmp_path):
+  c = get_config()
+  base_hf = Path(tiny_base_dir) / "hf"
+  tok, reg = load_tokenizer(base_hf), task_registry(c)
+  base = hf.load(base_hf)
+  spec1 = L.LoRASpec.from_config(base.config, c.lora)
+  domains = list(c.domains)
+  experts, spec = stack_loras([L.init_lora(base.config, spec1, i) for i in range(len(domains))],
+                              [spec1] * len(domains))
+  c.moa.steps, c.moa.optimizer.lr = 40, 1e-2
+  moa = train_moa(base_hf, spec, experts, None, domains, c.moa, c.moa.gamma, False, tmp_path, tok, reg, 0)
+  acc = E.router_accuracy(base, spec, moa.factors(), moa.routers(), tok, domains, n_per_task=50, split="test",
+                          registry=reg)
+  assert set(acc) == {str(i) for i in range(base.config.num_layers)}
+  assert min(acc.values()) >= c.eval.router_min_accuracy, acc
+
+
+def test_suite_tiny_end_to_end(tiny_base_dir, tmp_path):
+  import moa.suite  # noqa: F401  (registers "moa_suite")
+  c = get_config("tiny")
+  c.base_workdir = str(tiny_base_dir)
+  c.scratch, c.new_domain, c.inference.top_k = False, "", 1
+  out = get_method("moa_suite")(c, tmp_path)
+  res = json.loads((tmp_path / "results.json").read_text())
+  assert (tmp_path / "results.png").stat().st_size > 0
+  assert set(res["per_domain"]) == set(MODES)
+  for mode, accs in res["per_domain"].items():
+    assert set(accs) == set(c.domains) and all(0.0 <= v <= 1.0 for v in accs.values()), mode
+  assert set(res["router_accuracy"]) == {"0", "1", "2"}
+  assert res["per_domain"] == out["per_domain"]
+  # The oracle (label picks the stacked expert, gathered per example) = that expert merged into the
+  # weights and decoded plainly.
+  base = hf.load(Path(tiny_base_dir) / "hf")
+  tok, reg = load_tokenizer(Path(tiny_base_dir) / "hf"), task_registry(c)
+  for d in c.domains:
+    lora, spec, _ = L.load_adapter(tmp_path / "experts" / d / "adapter", base.params(), cfg=base.config)
+    merged = L.LoRAModel(base, spec, lora=lora).merged()
+    acc = E.plain_accuracy(merged, tok, [d], n_per_task=c.eval.n_per_task, split=c.eval.split, registry=reg)
+    ppl = E.routed_perplexity(merged, None, None, None, tok, [d], n_per_task=c.eval.n_per_task, registry=reg)
+    assert acc[d] == res["per_domain"]["oracle"][d]
+    np.testing.assert_allclose(ppl[d], res["perplexity"]["oracle"][d], rtol=1e-4)
