@@ -39,6 +39,19 @@ def mixture_batches(config, tokenizer, seq_len=None):
   return mixture, seq_len, lambda step: mixture.batch(step, int(config.batch_size), tokenizer, seq_len)
 
 
+def base_hf_dir(base_workdir, fallback=None, variant: str = "") -> Path:
+  """The embedded base's HF directory BASE/hf, BASE = `base_workdir` or else `fallback`; a missing base
+  is trained there first (configs/pretrain.py, `variant` e.g. "tiny"). What every method experiment
+  starts from."""
+  from configs.pretrain import get_config
+  if not base_workdir and fallback is None:
+    raise ValueError("no base: set config.base_workdir (e.g. runs/demo/base)")
+  root = Path(base_workdir) if base_workdir else Path(fallback)
+  if not (root / "hf" / "config.json").exists():
+    run(get_config(variant or None), root)
+  return root / "hf"
+
+
 @register_method("pretrain")
 def run(config, workdir) -> dict:
   workdir = Path(workdir)

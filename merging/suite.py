@@ -28,8 +28,8 @@ import numpy as np
 
 from calm_jax import hf
 from calm_jax.experiment import bar_chart, print_table, suite_accuracy, write_results
-from calm_jax.pretrain import lm_batch_loss, mixture_batches, task_registry
-from calm_jax.registry import get_method, register_method
+from calm_jax.pretrain import base_hf_dir, lm_batch_loss, mixture_batches, task_registry
+from calm_jax.registry import register_method
 from calm_jax.tokenizers import load_tokenizer
 from calm_jax.train import train
 from merging.stream import REPORT_NAME, merge_checkpoints
@@ -58,15 +58,6 @@ def merge_specs(config) -> dict[str, tuple[str, dict]]:
   return {k: v for k, v in specs.items() if not m.methods or wanted(k)}
 
 
-def base_dir(config, workdir: Path) -> Path:
-  """The base's HF directory; trains it (pretrain method) into base_workdir or DIR/base if missing."""
-  from configs.pretrain import get_config
-  root = Path(config.base_workdir) if config.base_workdir else workdir / "base"
-  if not (root / "hf" / "config.json").exists():
-    get_method("pretrain")(get_config(config.base_variant or None), root)
-  return root / "hf"
-
-
 def finetune(config, base_hf: Path, task: str, workdir: Path, tokenizer) -> Path:
   """Full fine-tune of the base on one task (every nnx.Param trains); returns its HF directory."""
   out = workdir / "finetuned" / task
@@ -86,7 +77,7 @@ def finetune(config, base_hf: Path, task: str, workdir: Path, tokenizer) -> Path
 def run(config, workdir) -> dict:
   t0 = time.time()
   workdir = Path(workdir)
-  base_hf = base_dir(config, workdir)
+  base_hf = base_hf_dir(config.base_workdir, workdir / "base", config.base_variant)
   tokenizer = load_tokenizer(base_hf)
   registry = task_registry(config)
   tasks = list(config.tasks)

@@ -17,8 +17,8 @@ import ml_collections
 from calm_jax import hf, sharding
 from calm_jax.experiment import print_table, suite_accuracy, write_results
 from calm_jax.lora import ADAPTER_CONFIG, LoRAModel, LoRASpec, load_adapter, save_adapter
-from calm_jax.pretrain import mixture_batches, task_registry
-from calm_jax.registry import get_method, register_method
+from calm_jax.pretrain import base_hf_dir, mixture_batches, task_registry
+from calm_jax.registry import register_method
 from calm_jax.tokenizers import load_tokenizer
 from calm_jax.train import lm_loss, train
 
@@ -35,15 +35,6 @@ def mesh_of(train_cfg):
   if all(n > 0 for n in sizes):
     return sharding.make_mesh(train_cfg.mesh, devices=jax.devices()[:math.prod(sizes)])
   return sharding.make_mesh(train_cfg.mesh)
-
-
-def base_hf_dir(base_workdir, fallback: Path, variant: str = "") -> Path:
-  """BASE/hf; the pretrain method trains it there first if it is missing."""
-  from configs.pretrain import get_config
-  root = Path(base_workdir) if base_workdir else fallback
-  if not (root / "hf" / "config.json").exists():
-    get_method("pretrain")(get_config(variant or None), root)
-  return root / "hf"
 
 
 def train_lora(base_hf, tasks: dict[str, float], lora_cfg, train_cfg, task_args, workdir, *,

@@ -39,7 +39,8 @@ from calm_jax.train import train
 from moa import evaluate as E
 from moa.classifier import DomainClassifier, classifier_loss
 from moa.experts import add_expert, load_experts, stack_loras
-from moa.lora_training import base_hf_dir, mesh_of, train_lora
+from calm_jax.pretrain import base_hf_dir
+from moa.lora_training import mesh_of, train_lora
 from moa.model import MoAModel, load_moa, moa_loss, save_moa
 from moa.routers import extend_routers
 
