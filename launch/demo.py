@@ -1,9 +1,11 @@
 """`make demo`: the embedded default experiments end to end on CPU.
 
-Today: pretrain the tiny base on the synthetic suite (reused if already in the workdir), load
-it back from its HF directory, and answer a few prompts with the KV-cache decoder; then the merging
-experiment (configs/merge/suite.py) on that base. Method experiments append themselves here as
-they land.
+Pretrain the tiny base on the synthetic suite (reused if already in the workdir), load it back
+from its HF directory and answer a few prompts with the KV-cache decoder; then every method's
+experiment with its shipped config: merging (configs/merge/suite.py), Transformer²
+(configs/svf/suite.py) and Mixture-of-LoRAs (configs/moa/suite.py) on that base, and CALM's
+key-value arithmetic (configs/calm/kv_arithmetic.py, its own m_A and m_B). Each writes
+results.json + results.png into its directory under --workdir; a finished step is reused.
 """
 from absl import app, flags, logging
 
@@ -41,11 +43,21 @@ def main(argv):
     got = tok.decode([i for i in o if i != tok.eos_id])
     print(f"  {e.prompt:<22} -> {got:<10} (expected {e.answer}) {'ok' if got == e.answer else 'wrong'}")
 
-  print(f"== 3. merging: per-task fine-tunes of the base, merged with every method: {root / 'merge'}")
-  from configs.merge.suite import get_config as merge_suite_config
-  merge_config = merge_suite_config()
-  merge_config.base_workdir = str(base)
-  get_method("merge_suite")(merge_config, root / "merge")
+  from configs.merge.suite import get_config as merge_config
+  from configs.moa.suite import get_config as moa_config
+  from configs.svf.suite import get_config as svf_config
+  steps = [("merge", "merging: per-task fine-tunes of the base merged with every method", merge_config),
+           ("svf", "Transformer²: SVF experts and two-pass adaptation", svf_config),
+           ("moa", "Mixture-of-LoRAs: domain experts and routers", moa_config)]
+  for i, (name, what, make) in enumerate(steps, 3):
+    out = root / name
+    print(f"== {i}. {what}: {out}")
+    if (out / "results.json").exists():
+      print(f"  reusing {out / 'results.json'} (delete it to rerun)")
+      continue
+    config = make()
+    config.base_workdir = str(base)
+    get_method(config.method)(config, out)
 
   print("\nresults:")
   for p in sorted(root.glob("*/results.json")):
