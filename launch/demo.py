@@ -43,12 +43,14 @@ def main(argv):
     got = tok.decode([i for i in o if i != tok.eos_id])
     print(f"  {e.prompt:<22} -> {got:<10} (expected {e.answer}) {'ok' if got == e.answer else 'wrong'}")
 
+  from configs.calm.kv_arithmetic import get_config as calm_config
   from configs.merge.suite import get_config as merge_config
   from configs.moa.suite import get_config as moa_config
   from configs.svf.suite import get_config as svf_config
   steps = [("merge", "merging: per-task fine-tunes of the base merged with every method", merge_config),
            ("svf", "Transformer²: SVF experts and two-pass adaptation", svf_config),
-           ("moa", "Mixture-of-LoRAs: domain experts and routers", moa_config)]
+           ("moa", "Mixture-of-LoRAs: domain experts and routers", moa_config),
+           ("calm", "CALM: key-value arithmetic by composing a key-value model with an arithmetic model", calm_config)]
   for i, (name, what, make) in enumerate(steps, 3):
     out = root / name
     print(f"== {i}. {what}: {out}")
@@ -56,7 +58,8 @@ def main(argv):
       print(f"  reusing {out / 'results.json'} (delete it to rerun)")
       continue
     config = make()
-    config.base_workdir = str(base)
+    if "base_workdir" in config:  # CALM trains its own m_A and m_B
+      config.base_workdir = str(base)
     get_method(config.method)(config, out)
 
   print("\nresults:")

@@ -1,7 +1,8 @@
 """The method packages that register into `calm_jax.registry` (imported by the entry points)."""
 import importlib
 
-METHOD_MODULES = ("calm_jax.pretrain", "merging.suite", "svf.suite", "moa.lora_training", "moa.suite")
+METHOD_MODULES = ("calm_jax.pretrain", "merging.suite", "svf.suite", "moa.lora_training", "moa.suite",
+                  "calm_jax.calm.kv_arithmetic")
 
 
 def import_methods() -> None:

@@ -1,0 +1,227 @@
+"""CALM training step: ours (`calm_jax.calm`, jitted) vs CALM-pytorch 0.2.2 at matched sizes.
+
+Both sides compose a random anchor with one random augmenting decoder of the same shape family
+(pre-RMSNorm, rotary, SwiGLU, no biases: our llama vs x-transformers `Decoder(rotary_pos_emb,
+ff_glu, ff_swish, use_rmsnorm)`), the same widths, depths, heads (the cross-attention uses the
+anchor's heads and head size on both sides), the same number of connections (N_A / 4), the same
+batch of token sequences and vocabulary, fp32 on the CPU. One training step = forward of the
+frozen augmenting model, the anchor with cross-attention, next-token loss, backward into the
+composition parameters only, one AdamW update (ours: the core trainer's optimizer on the
+`ComposeParam` split; theirs: `torch.optim.AdamW` over `calm.parameters()` that require grad).
+CALM-pytorch's augmenting model reads the sequence as its `prompt` (its encoder-style
+interface); ours reads it under the causal cross mask: the same amount of work.
+Both are warmed up, then timed alternately in blocks of `--steps`; medians over `--runs`.
+torch uses `torch.set_num_threads(os.cpu_count())`.
+
+Appends a section to docs/benchmarks.md and prints one JSON object as the last line.
+Run: `.venv/bin/python benchmarks/calm.py` (`--small` for a quick smoke run).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--anchor-dim", type=int, default=512)
+  ap.add_argument("--anchor-layers", type=int, default=8)
+  ap.add_argument("--anchor-heads", type=int, default=8)
+  ap.add_argument("--aug-dim", type=int, default=256)
+  ap.add_argument("--aug-layers", type=int, default=8)
+  ap.add_argument("--aug-heads", type=int, default=4)
+  ap.add_argument("--vocab", type=int, default=1024)
+  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--seq", type=int, default=128)
+  ap.add_argument("--steps", type=int, default=5, help="steps per timed block")
+  ap.add_argument("--runs", type=int, default=5)
+  ap.add_argument("--small", action="store_true", help="tiny sizes, a smoke run (nothing written)")
+  ap.add_argument("--no-write", action="store_true", help="do not append to docs/benchmarks.md")
+  args = ap.parse_args(argv)
+  if args.small:
+    args.anchor_dim, args.anchor_layers, args.anchor_heads = 64, 4, 4
+    args.aug_dim, args.aug_layers, args.aug_heads = 32, 4, 2
+    args.vocab, args.batch, args.seq, args.steps, args.runs = 128, 4, 32, 2, 2
+
+  import jax
+  import torch
+
+  ncpu = os.cpu_count()
+  torch.set_num_threads(ncpu)
+  load_before = os.getloadavg()[0]
+  rng = np.random.default_rng(0)
+  seq = rng.integers(1, args.vocab, (args.batch, args.seq + 1)).astype(np.int64)
+
+  ours, n_ours, flops, compile_s = _ours(args, seq)
+  theirs, n_theirs = _theirs(args, seq)
+  ours(1)  # warm-up
+  theirs(1)
+  t_ours, t_theirs = [], []
+  for _ in range(args.runs):
+    t0 = time.perf_counter()
+    ours(args.steps)
+    t_ours.append((time.perf_counter() - t0) / args.steps)
+    t0 = time.perf_counter()
+    theirs(args.steps)
+    t_theirs.append((time.perf_counter() - t0) / args.steps)
+  load = (load_before, os.getloadavg()[0])
+  med_o, med_t = statistics.median(t_ours), statistics.median(t_theirs)
+  result = {"steps_per_s_ours": round(1 / med_o, 3), "steps_per_s_calm_pytorch": round(1 / med_t, 3),
+            "speedup_vs_calm_pytorch": round(med_t / med_o, 2), "compile_s_ours": round(compile_s, 2)}
+  dev = jax.devices()[0]
+  if dev.platform == "gpu":
+    peak = _peak_flops(dev)
+    if peak:
+      result["mfu_ours"] = round(flops / med_o / peak, 4)
+  print(f"anchor {args.anchor_dim}x{args.anchor_layers} ({args.anchor_heads} heads), augment {args.aug_dim}x"
+        f"{args.aug_layers} ({args.aug_heads} heads), vocab {args.vocab}, batch {args.batch}, seq {args.seq}; "
+        f"trainable params ours {n_ours:,} / CALM-pytorch {n_theirs:,}; {ncpu} CPUs")
+  print(f"ours: median {med_o * 1e3:.1f} ms/step of {[round(t * 1e3, 1) for t in t_ours]} (compile {compile_s:.1f}s)")
+  print(f"CALM-pytorch: median {med_t * 1e3:.1f} ms/step of {[round(t * 1e3, 1) for t in t_theirs]}")
+  print(f"1-min load average before/after: {load[0]:.1f} / {load[1]:.1f}")
+  if not args.no_write and not args.small:
+    _append(result, args, n_ours, n_theirs, t_ours, t_theirs, ncpu, load)
+  print(json.dumps(result))
+
+
+def _ours(args, seq):
+  """A jitted training step over the composition parameters; returns (run(n), #trainable, flops/step)."""
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+  import optax
+  from flax import nnx
+
+  from calm_jax.calm import Composed
+  from calm_jax.models import Decoder, DecoderConfig, init_params
+  from calm_jax.train import lm_loss
+  from calm_jax.train.optim import make_optimizer
+  from calm_jax.train.trainer import split_trainable, trainable_filter
+
+  def cfg(dim, layers, heads):
+    return DecoderConfig.make(model_type="llama", vocab_size=args.vocab, hidden_size=dim, intermediate_size=4 * dim,
+                              num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                              max_position_embeddings=max(args.seq, 64))
+
+  anchor_cfg, aug_cfg = cfg(args.anchor_dim, args.anchor_layers, args.anchor_heads), cfg(args.aug_dim, args.aug_layers,
+                                                                                          args.aug_heads)
+  model = Composed(Decoder(anchor_cfg, params=init_params(anchor_cfg, 0)), [Decoder(aug_cfg, params=init_params(aug_cfg, 1))])
+  graphdef, trainable, frozen = split_trainable(model, trainable_filter(["ComposeParam"]))
+  opt = ml_collections.ConfigDict(dict(name="adamw", lr=1e-4, weight_decay=0.01, clip_norm=1.0))
+  tx = make_optimizer(opt, 1000)
+  opt_state = tx.init(trainable)
+  tokens, targets = jnp.asarray(seq[:, :-1], jnp.int32), jnp.asarray(seq[:, 1:], jnp.int32)
+  mask = jnp.ones(tokens.shape, jnp.float32)
+
+  @jax.jit
+  def step(trainable, opt_state, frozen):
+    def loss_of(tr):
+      return lm_loss(nnx.merge(graphdef, tr, frozen)(tokens), targets, mask)
+
+    (loss, _), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state, loss
+
+  t0 = time.perf_counter()
+  compiled = step.lower(trainable, opt_state, frozen).compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  flops = float((cost[0] if isinstance(cost, list) else cost or {}).get("flops", 0.0))
+  state = {"t": trainable, "o": opt_state}
+
+  def run(n):
+    for _ in range(n):
+      state["t"], state["o"], loss = compiled(state["t"], state["o"], frozen)
+    loss.block_until_ready()
+
+  n = sum(x.size for x in jax.tree.leaves(trainable))
+  return run, n, flops, compile_s
+
+
+def _theirs(args, seq):
+  import torch
+  from CALM_pytorch import AugmentParams, CALM
+  from x_transformers import Decoder as XDecoder
+  from x_transformers import TransformerWrapper
+
+  torch.manual_seed(0)
+
+  def model(dim, layers, heads):
+    return TransformerWrapper(num_tokens=args.vocab, max_seq_len=args.seq + 1,
+                              attn_layers=XDecoder(dim=dim, depth=layers, heads=heads, attn_dim_head=dim // heads,
+                                                   rotary_pos_emb=True, ff_glu=True, ff_swish=True, use_rmsnorm=True,
+                                                   ff_mult=4))
+
+  anchor, aug = model(args.anchor_dim, args.anchor_layers, args.anchor_heads), model(args.aug_dim, args.aug_layers,
+                                                                                   args.aug_heads)
+  calm = CALM(anchor, AugmentParams(model=aug, connect_every_num_layers=4),
+              attn_kwargs=dict(linear_project_context=True, pre_rmsnorm=True, flash=True, heads=args.anchor_heads,
+                               dim_head=args.anchor_dim // args.anchor_heads))
+  params = [p for p in calm.parameters() if p.requires_grad]
+  opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
+  seq_t = torch.as_tensor(seq)
+  prompt = seq_t[:, :-1]
+
+  def run(n):
+    for _ in range(n):
+      loss = calm(seq_t, prompt=prompt)
+      loss.backward()
+      torch.nn.utils.clip_grad_norm_(params, 1.0)
+      opt.step()
+      opt.zero_grad()
+
+  return run, sum(p.numel() for p in params)
+
+
+def _peak_flops(dev) -> float | None:
+  kind = dev.device_kind.lower()
+  for name, peak in (("h200", 989e12), ("h100", 989e12), ("a100", 312e12)):  # dense bf16/tf32-class peaks
+    if name in kind:
+      return peak
+  return None
+
+
+def _append(result, args, n_ours, n_theirs, t_ours, t_theirs, ncpu, load):
+  import jax
+  import torch
+  path = ROOT / "docs" / "benchmarks.md"
+  cmd = "python benchmarks/calm.py " + " ".join(sys.argv[1:])
+  date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+  med_o, med_t = statistics.median(t_ours), statistics.median(t_theirs)
+  text = f"""
+## CALM training step vs CALM-pytorch ({date})
+
+- machine: `{platform.platform()}`, {ncpu} CPUs; jax {jax.__version__}, torch {torch.__version__}
+  (`torch.set_num_threads({ncpu})`), CALM-pytorch 0.2.2; 1-min load average before/after {load[0]:.1f} / {load[1]:.1f}
+- anchor {args.anchor_dim} wide x {args.anchor_layers} layers ({args.anchor_heads} heads), augmenting
+  {args.aug_dim} x {args.aug_layers} ({args.aug_heads} heads), SwiGLU 4x, vocab {args.vocab}, batch {args.batch},
+  sequence {args.seq}, fp32; {args.aug_layers // 4} connections; trainable parameters ours {n_ours:,},
+  CALM-pytorch {n_theirs:,} (its per-head value gates and biases)
+- command: `{cmd.strip()}`
+
+| | median ms/step | min ms/step | steps/s |
+| --- | --- | --- | --- |
+| calm_jax `calm` (jitted step) | {med_o * 1e3:.1f} | {min(t_ours) * 1e3:.1f} | {result['steps_per_s_ours']} |
+| CALM-pytorch | {med_t * 1e3:.1f} | {min(t_theirs) * 1e3:.1f} | {result['steps_per_s_calm_pytorch']} |
+
+speedup vs CALM-pytorch: **{result['speedup_vs_calm_pytorch']}x** (compile {result['compile_s_ours']} s, not in the
+step time).
+"""
+  with open(path, "a") as f:
+    f.write(text)
+
+
+if __name__ == "__main__":
+  main()

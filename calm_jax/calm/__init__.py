@@ -1,0 +1,15 @@
+"""CALM: composing a frozen anchor with frozen augmenting models (arXiv 2401.02412).
+
+`compose` (parameters, cross-attention, the composed forward, the `Composed` NNX module),
+`connections` (default layer pairing and validation), `decoding` (iterative decoding with one
+cache per model), `kv_tasks` (the key-value arithmetic data), `kv_arithmetic` (the Table 1
+experiment, method "calm_kv_arithmetic").
+"""
+from calm_jax.calm.compose import (CalmCache, Composed, CompositionSpec, compose_param_specs, forward,
+                                   init_compose_params, prompt_mask)
+from calm_jax.calm.connections import CompositionError, default_anchor_layers, default_augment_layers
+from calm_jax.calm.decoding import generate, generate_arrays
+
+__all__ = ["CalmCache", "Composed", "CompositionSpec", "CompositionError", "compose_param_specs", "forward",
+           "init_compose_params", "prompt_mask", "default_anchor_layers", "default_augment_layers", "generate",
+           "generate_arrays"]

@@ -1,0 +1,303 @@
+"""CALM composition (Bansal et al. 2024, §3.1): a frozen anchor m_B reads frozen augmenting
+models m_A through learned projections and cross-attention.
+
+Per connection (m_A layer i, anchor layer j):
+
+  K, V = f_proj(H_A,i) W_K, f_proj(H_A,i) W_V      f_proj: RMSNorm then Linear d_A -> d_B (+ bias)
+  Q    = RMSNorm(H_B,j) W_Q
+  H_B,j <- H_B,j + Attn(Q, K, V) W_O               (feeds anchor layer j+1)
+
+with a causal cross mask (anchor position t reads m_A positions <= t, padding masked), so a
+teacher-forced pass equals the paper's iterative decoding where every generated token is fed
+to both models. W_O starts at zero: at init the composed model is the anchor, exactly.
+
+Parameters are one pure pytree `{"anchor", "augments": (..), "compose": (..)}`; per augmenting
+model the connection parameters are stacked on a leading axis. The anchor runs as contiguous
+segments of its layer stack (`run_layers`) with the cross-attentions between them; the
+augmenting models run whole (`forward(..., return_hidden=True)`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from calm_jax.calm.connections import CompositionError, resolve
+from calm_jax.models import decoder as dec
+from calm_jax.models.config import DecoderConfig
+from calm_jax.models.layers import attention_mask, gqa_attention, rms_norm
+from calm_jax.variables import ComposeParam
+
+
+@dataclasses.dataclass(frozen=True)
+class CompositionSpec:
+  """Static description of a composition (hashable: a static argument of jitted kernels).
+
+  connections[m]: ((augment layer, anchor layer), ...) of augmenting model m, 1-based.
+  aug_mode: "iterative" (paper: m_A reads every token, generated ones included) or "encoder"
+  (the ablation: m_A reads only the prompt).
+  """
+  anchor: DecoderConfig
+  augments: tuple[DecoderConfig, ...]
+  connections: tuple[tuple[tuple[int, int], ...], ...]
+  num_heads: int
+  head_dim: int
+  aug_mode: str = "iterative"
+
+  @classmethod
+  def make(cls, anchor: DecoderConfig, augments: Sequence[DecoderConfig], *, augment_layers=None,
+           anchor_layers=None, num_heads: int | None = None, aug_mode: str = "iterative") -> "CompositionSpec":
+    """augment_layers / anchor_layers: one list per augmenting model (None = the defaults)."""
+    augments = tuple(augments)
+    if not augments:
+      raise CompositionError("CALM needs at least one augmenting model")
+    per = lambda x: [None] * len(augments) if x is None else list(x)
+    aug_l, anc_l = per(augment_layers), per(anchor_layers)
+    if len(aug_l) != len(augments) or len(anc_l) != len(augments):
+      raise CompositionError(f"{len(augments)} augmenting models but {len(aug_l)} augment_layers lists and "
+                             f"{len(anc_l)} anchor_layers lists")
+    conns = tuple(resolve(anchor, a, al, bl, name=f"augment {m}")
+                  for m, (a, al, bl) in enumerate(zip(augments, aug_l, anc_l)))
+    heads = int(num_heads or anchor.num_heads)
+    if heads < 1 or anchor.hidden_size % heads:
+      raise CompositionError(f"num_heads {heads} must divide the anchor width {anchor.hidden_size}")
+    if aug_mode not in ("iterative", "encoder"):
+      raise CompositionError(f"aug_mode must be 'iterative' or 'encoder', got {aug_mode!r}")
+    return cls(anchor, augments, conns, heads, anchor.hidden_size // heads, aug_mode)
+
+  def boundaries(self) -> tuple[int, ...]:
+    """Anchor layers after which some cross-attention is added, sorted."""
+    return tuple(sorted({j for conns in self.connections for _, j in conns}))
+
+
+def compose_param_specs(spec: CompositionSpec) -> list[dict[str, dec.ParamSpec]]:
+  """Per augmenting model: name -> shape, logical axes, init of its stacked connection parameters."""
+  eb, h, d = spec.anchor.hidden_size, spec.num_heads, spec.head_dim
+  out = []
+  for cfg, conns in zip(spec.augments, spec.connections):
+    c, ea = len(conns), cfg.hidden_size
+    P = dec.ParamSpec
+    out.append({
+        "aug_norm": P((c, ea), ("layers", "embed"), "ones"),
+        "proj": P((c, ea, eb), ("layers", "embed", "embed"), "fan_in"),
+        "proj_bias": P((c, eb), ("layers", "embed"), "zeros"),
+        "q_norm": P((c, eb), ("layers", "embed"), "ones"),
+        "q": P((c, eb, h, d), ("layers", "embed", "heads", "head_dim"), "fan_in"),
+        "k": P((c, eb, h, d), ("layers", "embed", "heads", "head_dim"), "fan_in"),
+        "v": P((c, eb, h, d), ("layers", "embed", "heads", "head_dim"), "fan_in"),
+        "o": P((c, h, d, eb), ("layers", "heads", "head_dim", "embed"), "zeros"),
+    })
+  return out
+
+
+def init_compose_params(spec: CompositionSpec, seed: int = 0, dtype=jnp.float32, zero_output: bool = True):
+  """Composition parameters: normal(0, 1/sqrt(fan_in)) projections, unit norms, zero biases and
+  (zero_output) zero W_O, so the composed model starts as the anchor."""
+  rng = np.random.default_rng([seed, 0xCA1])
+  out = []
+  for specs in compose_param_specs(spec):
+    p = {}
+    for name, s in specs.items():
+      if s.init == "fan_in" or (s.init == "zeros" and name == "o" and not zero_output):
+        fan_in = s.shape[1] if name != "o" else s.shape[1] * s.shape[2]
+        p[name] = jnp.asarray(rng.standard_normal(s.shape, dtype=np.float32) / np.sqrt(fan_in), dtype)
+      else:
+        p[name] = (jnp.ones if s.init == "ones" else jnp.zeros)(s.shape, dtype)
+    out.append(p)
+  return tuple(out)
+
+
+def project_kv(cp, states, eps):
+  """Projected m_A states -> cross-attention keys/values [C, B, T, H, D] (f_proj, then W_K, W_V)."""
+  x = jax.vmap(lambda s, w: rms_norm(s, w, eps))(states, cp["aug_norm"])
+  x = jnp.einsum("cbte,cef->cbtf", x, cp["proj"].astype(x.dtype)) + cp["proj_bias"][:, None, None]
+  k = jnp.einsum("cbtf,cfhd->cbthd", x, cp["k"].astype(x.dtype))
+  v = jnp.einsum("cbtf,cfhd->cbthd", x, cp["v"].astype(x.dtype))
+  return k, v
+
+
+def cross_attention(cp, c: int, h, k, v, mask, eps):
+  """Connection c of one augmenting model: the update added to the anchor stream h [B, T, E]."""
+  x = rms_norm(h, cp["q_norm"][c], eps)
+  q = jnp.einsum("bte,ehd->bthd", x, cp["q"][c].astype(x.dtype))
+  a = gqa_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+  return jnp.einsum("bthd,hde->bte", a, cp["o"][c].astype(a.dtype)).astype(h.dtype)
+
+
+class CalmCache(NamedTuple):
+  """Decoding state of a composition: the anchor's self-attention cache per segment of its
+  layer stack, one cache per augmenting model, the projected cross keys/values per augmenting
+  model [C, B, S, H, D], slot validity (anchor [B, S], cross [B, S]) and the next write slot."""
+  anchor: tuple[tuple[jax.Array, jax.Array], ...]
+  augments: tuple[dec.KVCache, ...]
+  cross_k: tuple[jax.Array, ...]
+  cross_v: tuple[jax.Array, ...]
+  valid: jax.Array
+  cross_valid: jax.Array
+  index: jax.Array
+
+  @classmethod
+  def empty(cls, spec: CompositionSpec, batch: int, length: int, dtype) -> "CalmCache":
+    a = spec.anchor
+    segs = _segments(spec)
+    shape = lambda n: (n, batch, a.num_kv_heads, length, a.head_dim)
+    anchor = tuple((jnp.zeros(shape(e - s), dtype), jnp.zeros(shape(e - s), dtype)) for s, e in segs)
+    augs = tuple(dec.KVCache.empty(c, batch, length, dtype) for c in spec.augments)
+    cross = tuple(jnp.zeros((len(c), batch, length, spec.num_heads, spec.head_dim), dtype)
+                  for c in spec.connections)
+    return cls(anchor, augs, cross, cross, jnp.zeros((batch, length), bool), jnp.zeros((batch, length), bool),
+               jnp.zeros((), jnp.int32))
+
+
+def _segments(spec: CompositionSpec) -> list[tuple[int, int]]:
+  """Contiguous [start, end) slices of the anchor stack, split after every connected layer."""
+  cuts = [0] + [j for j in spec.boundaries() if j < spec.anchor.num_layers] + [spec.anchor.num_layers]
+  return [(s, e) for s, e in zip(cuts[:-1], cuts[1:]) if e > s]
+
+
+def augment_states(spec: CompositionSpec, params, tokens, *, positions, valid, cache: CalmCache | None = None):
+  """Runs every augmenting model; returns (per model its connected states [C, B, T, E_A] without
+  gradient, per model its new KVCache or None)."""
+  states, caches = [], []
+  for m, (cfg, conns) in enumerate(zip(spec.augments, spec.connections)):
+    _, aux = dec.forward(cfg, params["augments"][m], tokens, positions=positions, valid=valid,
+                         cache=None if cache is None else cache.augments[m], return_hidden=True)
+    idx = np.asarray([i for i, _ in conns])
+    states.append(jax.lax.stop_gradient(aux["hidden"][idx]))
+    caches.append(aux["cache"])
+  return states, caches
+
+
+def forward(spec: CompositionSpec, params, tokens, *, valid=None, positions=None, aug_valid=None,
+            cache: CalmCache | None = None, run_augments: bool = True):
+  """Composed logits [B, T, V] (fp32) for tokens [B, T]; returns (logits, new cache or None).
+
+  valid: [B, T] padding mask; aug_valid: which of these positions m_A's states may be read at
+  (default valid; the encoder ablation masks the answer). With a cache, the T tokens go to
+  slots cache.index..; run_augments=False leaves m_A out for these tokens (encoder decoding:
+  their cross slots stay invalid).
+  """
+  a = spec.anchor
+  b, t = tokens.shape
+  valid = jnp.ones((b, t), bool) if valid is None else valid.astype(bool)
+  aug_valid = valid if aug_valid is None else aug_valid.astype(bool) & valid
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+  index = jnp.zeros((), jnp.int32) if cache is None else cache.index
+
+  # Keys/values of every connection: fresh, or written into the cache and read back from it.
+  cross_k, cross_v, aug_caches = [], [], [None] * len(spec.augments)
+  if cache is None:
+    states, _ = augment_states(spec, params, tokens, positions=positions, valid=valid)
+    for m, s in enumerate(states):
+      k, v = project_kv(params["compose"][m], s, a.rms_norm_eps)
+      cross_k.append(k)
+      cross_v.append(v)
+    cross_valid = aug_valid
+  else:
+    if run_augments:
+      states, aug_caches = augment_states(spec, params, tokens, positions=positions, valid=valid, cache=cache)
+    else:
+      aug_caches = list(cache.augments)
+    for m in range(len(spec.augments)):
+      k, v = cache.cross_k[m], cache.cross_v[m]
+      if run_augments:
+        kn, vn = project_kv(params["compose"][m], states[m], a.rms_norm_eps)
+        k = jax.lax.dynamic_update_slice(k, kn.astype(k.dtype), (0, 0, index, 0, 0))
+        v = jax.lax.dynamic_update_slice(v, vn.astype(v.dtype), (0, 0, index, 0, 0))
+      cross_k.append(k)
+      cross_v.append(v)
+    new_cross = aug_valid if run_augments else jnp.zeros_like(aug_valid)
+    cross_valid = jax.lax.dynamic_update_slice(cache.cross_valid, new_cross, (0, index))
+
+  kv_valid = valid if cache is None else jax.lax.dynamic_update_slice(cache.valid, valid, (0, index))
+  q_slots = index + jnp.arange(t)
+  cross_mask = attention_mask(q_slots, cross_valid)  # causal over slots: position t reads m_A <= t
+
+  # The anchor: contiguous segments of its stack, cross-attention added after connected layers.
+  at = {j: [(m, c) for m, conns in enumerate(spec.connections) for c, (_, jj) in enumerate(conns) if jj == j]
+        for j in spec.boundaries()}
+  h = dec.embed(params["anchor"], tokens)
+  new_anchor = []
+  for n, (s, e) in enumerate(_segments(spec)):
+    layers = jax.tree.map(lambda x: x[s:e], params["anchor"]["layers"])
+    seg_cache = None if cache is None else dec.KVCache(*cache.anchor[n], kv_valid, index)
+    h, kv, _ = dec.run_layers(a, layers, h, positions=positions, kv_valid=kv_valid, cache=seg_cache,
+                              layer_ids=np.arange(s, e))
+    new_anchor.append(kv)
+    for m, c in at.get(e, ()):
+      h = h + cross_attention(params["compose"][m], c, h, cross_k[m][c], cross_v[m][c], cross_mask, a.rms_norm_eps)
+  logits = dec.unembed(a, params["anchor"], h)
+  if cache is None:
+    return logits, None
+  new = CalmCache(tuple(new_anchor), tuple(aug_caches), tuple(cross_k), tuple(cross_v), kv_valid, cross_valid,
+                  index + t)
+  return logits, new
+
+
+def prompt_mask(valid, prompt_len):
+  """[B, T] positions of the prompt (the encoder ablation lets m_A read only these)."""
+  return valid.astype(bool) & (jnp.arange(valid.shape[1])[None] < prompt_len[:, None])
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _apply(spec, params, tokens, valid, aug_valid):
+  return forward(spec, params, tokens, valid=valid, aug_valid=aug_valid)[0]
+
+
+class _Holder(nnx.Module):
+  """Holder of one augmenting model's composition parameters."""
+
+
+class Composed(nnx.Module):
+  """A frozen anchor, frozen augmenting models (`Decoder`s, `nnx.Param`) and the composition
+  parameters (`ComposeParam`): the only thing the trainer updates with `trainable=["ComposeParam"]`."""
+
+  def __init__(self, anchor: dec.Decoder, augments: Sequence[dec.Decoder], *, augment_layers=None,
+               anchor_layers=None, num_heads: int | None = None, aug_mode: str = "iterative", seed: int = 0,
+               compose_params=None, zero_output: bool = True):
+    self.spec = CompositionSpec.make(anchor.config, [m.config for m in augments], augment_layers=augment_layers,
+                                     anchor_layers=anchor_layers, num_heads=num_heads, aug_mode=aug_mode)
+    self.anchor = anchor
+    self.num_augments = len(augments)
+    for m, model in enumerate(augments):
+      setattr(self, f"augment{m}", model)
+    if compose_params is None:
+      compose_params = init_compose_params(self.spec, seed, anchor.dtype, zero_output=zero_output)
+    for m, (specs, values) in enumerate(zip(compose_param_specs(self.spec), compose_params)):
+      holder = _Holder()
+      for name, s in specs.items():
+        value = jnp.asarray(values[name])
+        if value.shape != s.shape:
+          raise CompositionError(f"composition parameter {m}/{name}: shape {value.shape}, expected {s.shape}")
+        setattr(holder, name, ComposeParam(value, axes=s.axes))
+      setattr(self, f"compose{m}", holder)
+
+  @property
+  def augments(self) -> list[dec.Decoder]:
+    return [getattr(self, f"augment{m}") for m in range(self.num_augments)]
+
+  def compose_params(self) -> tuple[dict[str, Any], ...]:
+    return tuple({name: getattr(getattr(self, f"compose{m}"), name)[...] for name in specs}
+                 for m, specs in enumerate(compose_param_specs(self.spec)))
+
+  def params(self) -> dict[str, Any]:
+    """Everything as one plain pytree (what the pure kernels take)."""
+    return {"anchor": self.anchor.params(), "augments": tuple(m.params() for m in self.augments),
+            "compose": self.compose_params()}
+
+  def __call__(self, tokens, valid=None, prompt_len=None):
+    """Teacher-forced logits; with prompt_len and aug_mode "encoder", m_A reads only the prompt."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    valid = jnp.ones(tokens.shape, bool) if valid is None else jnp.asarray(valid).astype(bool)
+    aug_valid = None
+    if self.spec.aug_mode == "encoder":
+      if prompt_len is None:
+        raise ValueError("aug_mode 'encoder' needs prompt_len (the augmenting model reads only the prompt)")
+      aug_valid = prompt_mask(valid, jnp.asarray(prompt_len))
+    return _apply(self.spec, self.params(), tokens, valid, aug_valid)

@@ -1,0 +1,160 @@
+"""CALM's Table 1 at small scale (method "calm_kv_arithmetic", configs/calm/kv_arithmetic.py).
+
+1. m_A (small) learns KV-substitution over all keys; m_B (larger) learns numeric arithmetic
+   and never sees a key. Both from scratch, with the core trainer.
+2. CALM composes them (both frozen) and trains only the composition on D_C: KV-arithmetic
+   (and KV-substitution) over the held-in 20% of the keys.
+3. All three are scored (greedy, exact match) on KV-substitution and numeric arithmetic
+   (test splits) and on KV-arithmetic over expressions built only from held-out keys.
+
+Ablations (config.ablation): "random_augment" (m_A left at its random init), "encoder" (m_A
+reads only the prompt), "lora" (LoRA on m_B with about as many parameters, same D_C).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from calm_jax import lora as lora_lib
+from calm_jax.calm.compose import Composed
+from calm_jax.calm.decoding import generate as calm_generate
+from calm_jax.calm.kv_tasks import KeyValueTable, kv_registry
+from calm_jax.experiment import bar_chart, build_decoder, print_table, write_results
+from calm_jax.pretrain import lm_batch_loss
+from calm_jax.registry import register_method
+from calm_jax.tasks import Mixture, evaluate, make_eval_set, max_seq_len
+from calm_jax.tokenizers import CharTokenizer
+from calm_jax.train import lm_loss, train
+
+TASKS = ("kv_substitution", "numeric_arithmetic", "kv_arithmetic")
+PAPER = {"m_A": {"kv_substitution": 0.981, "numeric_arithmetic": 0.042, "kv_arithmetic": 0.007},
+         "m_B": {"kv_substitution": 0.0, "numeric_arithmetic": 0.737, "kv_arithmetic": 0.0},
+         "calm": {"kv_substitution": 0.929, "numeric_arithmetic": 0.720, "kv_arithmetic": 0.843}}
+# Which keys each evaluation draws from: KV-arithmetic only over keys CALM never trained on.
+EVAL_KEYS = {"kv_substitution": "all", "numeric_arithmetic": "all", "kv_arithmetic": "held_out"}
+
+
+def calm_batch_loss(model, batch, rng):
+  logits = model(batch["inputs"], batch["attention_mask"], batch["prompt_len"])
+  return lm_loss(logits, batch["targets"], batch["loss_mask"])
+
+
+def _batches(tasks: dict, registry, seed: int, batch_size: int, tokenizer, seq_len: int):
+  mixture = Mixture(tasks, seed=seed, registry=registry)
+  return lambda step: mixture.batch(step, batch_size, tokenizer, seq_len)
+
+
+def _eval_sets(config, registries) -> list:
+  """Test examples per task, each from the key set the table scores it on."""
+  out = []
+  for name in TASKS:
+    reg = registries[EVAL_KEYS[name]]
+    out += make_eval_set([name], int(config.eval.n_per_task), split="test", seed=int(config.seed), registry=reg,
+                         domains=TASKS)
+  return out
+
+
+def _score(generate_fn, tokenizer, examples, registries, batch_size) -> dict[str, float]:
+  reg = {name: registries[EVAL_KEYS[name]][name] for name in TASKS}
+  acc = evaluate(generate_fn, tokenizer, examples, batch_size=batch_size, registry=reg)
+  return {name: acc[name] for name in TASKS}
+
+
+def _decoder_generate(model):
+  from calm_jax.decoding import generate
+  return lambda prompts, n: generate(model, prompts, max_new_tokens=n)
+
+
+@register_method("calm_kv_arithmetic")
+def run(config, workdir) -> dict:
+  t0 = time.time()
+  workdir = Path(workdir)
+  seed = int(config.seed)
+  tokenizer = CharTokenizer()
+  table = KeyValueTable(int(config.kv.n_keys), int(config.kv.key_len), float(config.kv.held_in_fraction), seed)
+  registries = kv_registry(table, int(config.kv.operands), str(config.kv.ops))
+  seq_len = max_seq_len(list(registries["all"].values()))
+  ablation = str(config.get("ablation", "none"))
+  if ablation not in ("none", "random_augment", "encoder", "lora"):
+    raise ValueError(f"unknown ablation {ablation!r}: none, random_augment, encoder or lora")
+  print(f"{table.n_keys} keys, {len(table.held_in)} held in for CALM; e.g. "
+        f"{registries['all']['kv_substitution'].sample(np.random.default_rng(0)).prompt!r}")
+
+  def fit(model, part, tasks, registry, loss_fn, init_offset):
+    c = config[part]
+    batch_fn = _batches(dict(tasks), registry, seed + init_offset, int(c.batch_size), tokenizer, seq_len)
+    return train(model, loss_fn=loss_fn, batch_fn=batch_fn, config=c, workdir=workdir / part,
+                 meta={"part": part, "seed": seed}).model
+
+  # 1. The two frozen bases, trained from scratch on their own tasks.
+  m_a = build_decoder(config.m_a.model, tokenizer, seed * 1000 + 1)
+  if ablation != "random_augment":
+    m_a = fit(m_a, "m_a", {"kv_substitution": 1.0}, registries["all"], lm_batch_loss, 1)
+  m_b = build_decoder(config.m_b.model, tokenizer, seed * 1000 + 2)
+  m_b = fit(m_b, "m_b", {"numeric_arithmetic": 1.0}, registries["all"], lm_batch_loss, 2)
+
+  examples = _eval_sets(config, registries)
+  bs = int(config.eval.batch_size)
+  results = {"m_A": _score(_decoder_generate(m_a), tokenizer, examples, registries, bs),
+             "m_B": _score(_decoder_generate(m_b), tokenizer, examples, registries, bs)}
+
+  # 2. The composition (or the LoRA control) on D_C over the held-in keys.
+  tasks = dict(config.calm.data.tasks)
+  if ablation == "lora":
+    n_compose = sum(np.size(x) for x in jax.tree.leaves(Composed(m_b, [m_a], **_compose_kwargs(config)).compose_params()))
+    spec, rank = _lora_matching(m_b.config, str(config.lora.targets), n_compose)
+    model = lora_lib.LoRAModel(m_b, spec, seed=seed)
+    model = fit(model, "calm", tasks, registries["held_in"],
+                lambda m, b, r: lm_loss(m(b["inputs"], b["attention_mask"]), b["targets"], b["loss_mask"]), 3)
+    trained = int(lora_lib.count_params(model.factors()))
+    results["calm"] = _score(_decoder_generate(model.merged()), tokenizer, examples, registries, bs)
+  else:
+    model = Composed(m_b, [m_a], seed=seed, **_compose_kwargs(config))
+    model = fit(model, "calm", tasks, registries["held_in"], calm_batch_loss, 3)
+    trained = int(sum(np.size(x) for x in jax.tree.leaves(model.compose_params())))
+    spec, params = model.spec, model.params()
+    gen = lambda prompts, n: calm_generate(spec, params, prompts, max_new_tokens=n)
+    results["calm"] = _score(gen, tokenizer, examples, registries, bs)
+
+  seconds = time.time() - t0
+  out = {**results, "seconds": seconds, "ablation": ablation, "trained_params": trained,
+         "n_keys": table.n_keys, "held_in_keys": len(table.held_in), "seed": seed,
+         "params": {"m_A": _count(m_a), "m_B": _count(m_b)}, "paper": PAPER}
+  if jax.process_index() == 0:
+    write_results(workdir, out)
+    label = "CALM" if ablation == "none" else f"CALM ({ablation})"
+    groups = {"m_A": results["m_A"], "m_B": results["m_B"], label: results["calm"]}
+    bar_chart(workdir / "results.png", groups, f"KV arithmetic (CALM Table 1, small scale): {seconds / 60:.1f} min")
+    print_table("ours: accuracy (%), KV-arithmetic over held-out keys", groups)
+    print_table("paper Table 1 (%)", {"m_A": PAPER["m_A"], "m_B": PAPER["m_B"], "CALM": PAPER["calm"]})
+    print(f"trained parameters: {trained:,}; total {seconds:.0f} s")
+    print(f"results: {workdir / 'results.json'}  chart: {workdir / 'results.png'}")
+  return out
+
+
+def _count(model) -> int:
+  return int(sum(np.size(x) for x in jax.tree.leaves(model.params())))
+
+
+def _compose_kwargs(config) -> dict:
+  c = config.calm.compose
+  layers = lambda x: None if x is None or len(x) == 0 else [list(x)]
+  return dict(augment_layers=layers(c.get("augment_layers")), anchor_layers=layers(c.get("anchor_layers")),
+              num_heads=c.get("num_heads") or None, aug_mode="encoder" if config.get("ablation") == "encoder"
+              else "iterative")
+
+
+def _lora_matching(cfg, targets: str, n_params: int):
+  """The LoRA spec on `targets` whose parameter count is closest to n_params (the paper's control)."""
+  best = None
+  for rank in range(1, 257):
+    spec = lora_lib.LoRASpec.create(cfg, targets=targets, rank=rank)
+    n = lora_lib.count_params(lora_lib.init_lora(cfg, spec, 0))
+    if best is None or abs(n - n_params) < abs(best[2] - n_params):
+      best = (spec, rank, n)
+    if n > n_params:
+      break
+  return best[0], best[1]

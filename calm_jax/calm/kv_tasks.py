@@ -1,0 +1,130 @@
+"""The key-value data of CALM's Table 1 (paper §4.1), over a seeded key table.
+
+| task                | prompt       | answer  | who trains on it                         |
+| ------------------- | ------------ | ------- | ---------------------------------------- |
+| kv_substitution     | `qzf+abc>`   | `17+42` | m_A (all keys); CALM (held-in keys)      |
+| numeric_arithmetic  | `17+42=`     | `59`    | m_B (never sees a key)                   |
+| kv_arithmetic       | `qzf+abc=`   | `59`    | CALM (held-in keys); scored on held-out  |
+
+KV-arithmetic and numeric arithmetic share their format, so the anchor's arithmetic applies
+once the composition supplies the values; substitution ends in `>` so the two key tasks can
+share a training mixture. A KV-arithmetic prompt and its substitution differ only in the last
+character, so m_A's states over the keys are the ones it was trained on (it is causal).
+"""
+from __future__ import annotations
+
+import string
+
+import numpy as np
+
+from calm_jax.tasks.base import Task
+
+LOWER = string.ascii_lowercase
+KEY_SETS = ("all", "held_in", "held_out")
+
+
+class KeyValueTable:
+  """`n_keys` distinct lowercase keys of `key_len` letters -> distinct values (a seeded
+  permutation of 1..n_keys), and a seeded held-in subset (`held_in_fraction` of the keys)."""
+
+  def __init__(self, n_keys: int = 100, key_len: int = 3, held_in_fraction: float = 0.2, seed: int = 0):
+    if n_keys < 2 or key_len < 1 or n_keys > len(LOWER) ** key_len:
+      raise ValueError(f"KeyValueTable: need 2 <= n_keys <= 26**key_len, got n_keys={n_keys}, key_len={key_len}")
+    if not 0 < held_in_fraction < 1:
+      raise ValueError(f"KeyValueTable: held_in_fraction must be in (0, 1), got {held_in_fraction}")
+    rng = np.random.default_rng([seed, 0x4B56])
+    keys: set[str] = set()
+    while len(keys) < n_keys:
+      keys.add("".join(LOWER[i] for i in rng.integers(0, 26, key_len)))
+    self.keys = tuple(sorted(keys))
+    self.values = {k: int(v) for k, v in zip(self.keys, rng.permutation(n_keys) + 1)}
+    n_in = max(1, int(round(held_in_fraction * n_keys)))
+    held = set(rng.permutation(n_keys)[:n_in].tolist())
+    self.held_in = tuple(k for i, k in enumerate(self.keys) if i in held)
+    self.held_out = tuple(k for i, k in enumerate(self.keys) if i not in held)
+    self.n_keys, self.key_len, self.seed = n_keys, key_len, seed
+
+  def subset(self, which: str) -> tuple[str, ...]:
+    if which not in KEY_SETS:
+      raise ValueError(f"unknown key set {which!r}; expected one of {KEY_SETS}")
+    return {"all": self.keys, "held_in": self.held_in, "held_out": self.held_out}[which]
+
+
+def _evaluate(values, ops) -> int:
+  """Standard precedence: * binds first, then + and - left to right."""
+  terms, signs = [values[0]], [1]
+  for v, o in zip(values[1:], ops):
+    if o == "*":
+      terms[-1] *= v
+    else:
+      terms.append(v)
+      signs.append(1 if o == "+" else -1)
+  return sum(s * t for s, t in zip(signs, terms))
+
+
+class _Expression(Task):
+  """An expression of `operands` terms joined by operators drawn from `ops`."""
+
+  def __init__(self, table: KeyValueTable, operands: int = 2, ops: str = "+", keys: str = "all"):
+    if operands < 2:
+      raise ValueError(f"{self.name}: operands must be >= 2, got {operands}")
+    if not ops or set(ops) - set("+-*"):
+      raise ValueError(f"{self.name}: ops must be drawn from '+-*', got {ops!r}")
+    self.table, self.operands, self.ops, self.keys = table, operands, ops, keys
+    self.pool = table.subset(keys)
+    # A strict key subset is a finite set of expressions used whole (its splits coincide);
+    # over all keys the hash splits hold out expressions.
+    self.memorization = keys != "all"
+    if self.memorization:
+      self.num_prompts = len(self.pool) ** operands * len(ops) ** (operands - 1)
+    width = max(table.key_len, len(str(table.n_keys)))
+    self.max_prompt_chars = operands * width + operands
+    top = table.n_keys ** operands if "*" in ops else operands * table.n_keys
+    self.max_answer_chars = max(len(str(top)) + 1, operands * len(str(table.n_keys)) + operands - 1)
+
+  def draw(self, rng):
+    names = [self.pool[int(i)] for i in rng.integers(0, len(self.pool), self.operands)]
+    ops = [self.ops[int(i)] for i in rng.integers(0, len(self.ops), self.operands - 1)]
+    return names, ops
+
+  @staticmethod
+  def join(terms, ops) -> str:
+    return "".join(str(t) + o for t, o in zip(terms, list(ops) + [""]))
+
+
+class KVSubstitution(_Expression):
+  """`qzf+abc>` -> `17+42`: substitute each key's value (what m_A learns)."""
+  name = "kv_substitution"
+
+  def generate(self, rng):
+    names, ops = self.draw(rng)
+    return self.join(names, ops) + ">", self.join([self.table.values[k] for k in names], ops)
+
+
+class KVArithmetic(_Expression):
+  """`qzf+abc=` -> value(qzf) + value(abc) (the composition task)."""
+  name = "kv_arithmetic"
+
+  def generate(self, rng):
+    names, ops = self.draw(rng)
+    return self.join(names, ops) + "=", str(_evaluate([self.table.values[k] for k in names], ops))
+
+
+class NumericArithmetic(_Expression):
+  """`17+42=` -> `59`, operands uniform over the table's value range 1..n_keys (what m_B learns)."""
+  name = "numeric_arithmetic"
+
+  def __init__(self, table: KeyValueTable, operands: int = 2, ops: str = "+"):
+    super().__init__(table, operands, ops, keys="all")
+
+  def generate(self, rng):
+    _, ops = self.draw(rng)
+    values = [int(v) for v in rng.integers(1, self.table.n_keys + 1, self.operands)]
+    return self.join(values, ops) + "=", str(_evaluate(values, ops))
+
+
+def kv_registry(table: KeyValueTable, operands: int = 2, ops: str = "+") -> dict[str, dict[str, Task]]:
+  """{key set: {task name: task}} for the three tasks (numeric arithmetic has no keys: same in all)."""
+  return {ks: {"kv_substitution": KVSubstitution(table, operands, ops, ks),
+               "kv_arithmetic": KVArithmetic(table, operands, ops, ks),
+               "numeric_arithmetic": NumericArithmetic(table, operands, ops)} for ks in KEY_SETS}

@@ -1,0 +1,77 @@
+"""CALM's key-value arithmetic (paper Table 1) at small scale: m_A, m_B and CALM trained here.
+
+  python -m launch.train --config=configs/calm/kv_arithmetic.py --workdir=runs/calm_kv
+  python -m launch.train --config=configs/calm/kv_arithmetic.py:ablation=encoder --workdir=...
+      ablation: none | random_augment | encoder | lora
+  python -m launch.train --config=configs/calm/kv_arithmetic.py:tiny --workdir=/tmp/x   # the pipeline in seconds
+
+`--config.seed=N` changes the key map, the held-in keys, the data and every initialisation.
+Writes DIR/results.json ({"m_A"|"m_B"|"calm": {task: accuracy}, "seconds": s}) and DIR/results.png.
+"""
+import ml_collections
+
+from configs.common import add_common, parse_arg
+
+
+def _model(width, layers, heads, kv_heads):
+  return ml_collections.ConfigDict(dict(
+      model_type="llama", hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=64, rope_theta=10000.0,
+      tie_word_embeddings=False, init_std=0.02, dtype="float32"))
+
+
+def _part(steps, batch_size, lr, model=None):
+  c = ml_collections.ConfigDict()
+  add_common(c, steps=steps, batch_size=batch_size)
+  c.optimizer.lr = lr
+  c.optimizer.warmup_steps = min(100, steps // 10)
+  c.optimizer.weight_decay = 0.01
+  c.optimizer.final_lr_fraction = 0.05
+  c.log_every = 100
+  c.tensorboard = False
+  c.checkpoint.every = 1000
+  if model is not None:
+    c.model = model
+  return c
+
+
+def get_config(arg=None):
+  arg = parse_arg(arg, tiny=False, ablation="none")
+  c = ml_collections.ConfigDict()
+  c.method = "calm_kv_arithmetic"
+  c.seed = 0
+  c.ablation = arg.ablation
+  # N keys (3 letters) -> the distinct values 1..N; CALM trains on expressions over 20% of them.
+  c.kv = ml_collections.ConfigDict(dict(n_keys=200, key_len=3, held_in_fraction=0.2, operands=2, ops="+"))
+  # m_A small (KV-substitution), m_B larger (numeric arithmetic), as PaLM2-XXS / -XS in the paper.
+  c.m_a = _part(2500, 64, 3e-3, _model(64, 4, 4, 2))
+  c.m_a.method = "calm_kv_arithmetic/m_a"
+  c.m_b = _part(2500, 64, 3e-3, _model(128, 4, 4, 2))
+  c.m_b.method = "calm_kv_arithmetic/m_b"
+  c.calm = _part(2500, 64, 3e-3)
+  c.calm.method = "calm_kv_arithmetic/calm"
+  c.calm.trainable = ["ComposeParam", "LoRAParam"]  # whichever the model has (LoRA: the ablation)
+  # D_C over the held-in keys: KV-arithmetic (paper §3.2 / Fig. 1) plus KV-substitution (§4.1's wording),
+  # plus the anchor's own numeric arithmetic so the composition learns to leave it alone (no keys in it).
+  c.calm.data = ml_collections.ConfigDict(dict(tasks={"kv_arithmetic": 1.0, "kv_substitution": 0.25,
+                                                      "numeric_arithmetic": 0.25}))
+  # Connections (1-based layer outputs); [] = every 4th m_A layer -> evenly spaced anchor layers from 1.
+  # Here every m_A layer feeds the anchor layer of the same depth (both have 4).
+  c.calm.compose = ml_collections.ConfigDict(dict(augment_layers=[1, 2, 3, 4], anchor_layers=[1, 2, 3, 4],
+                                                  num_heads=0))
+  c.lora = ml_collections.ConfigDict(dict(targets="layers/(q|k|v|o|gate|up|down)"))
+  c.eval = ml_collections.ConfigDict(dict(n_per_task=500, batch_size=256))
+  if arg.tiny:
+    c.kv.n_keys = 20
+    for part, steps in (("m_a", 20), ("m_b", 20), ("calm", 10)):
+      c[part].steps = steps
+      c[part].batch_size = 16
+      c[part].log_every = 5
+    c.m_a.model.update(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=1)
+    c.m_b.model.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2)
+    c.calm.compose.augment_layers = [2]
+    c.calm.compose.anchor_layers = [1]
+    c.eval.update(n_per_task=16, batch_size=64)
+  return c

@@ -1,0 +1,76 @@
+"""The key-value arithmetic data of CALM's Table 1, and the whole experiment at :tiny size."""
+import json
+
+import numpy as np
+import pytest
+
+from calm_jax.calm.kv_tasks import KeyValueTable, kv_registry
+
+
+def test_table_keys_values_and_split():
+  t = KeyValueTable(50, 3, 0.2, seed=4)
+  assert len(set(t.keys)) == 50 and all(len(k) == 3 and k.isalpha() and k.islower() for k in t.keys)
+  assert sorted(t.values.values()) == list(range(1, 51))  # distinct integers 1..N
+  assert len(t.held_in) == 10 and set(t.held_in).isdisjoint(t.held_out)
+  assert set(t.held_in) | set(t.held_out) == set(t.keys)
+  other = KeyValueTable(50, 3, 0.2, seed=5)  # the seed changes the map and the held-in keys
+  assert other.keys != t.keys and set(other.held_in) != set(t.held_in)
+  with pytest.raises(ValueError, match="held_in_fraction"):
+    KeyValueTable(50, 3, 1.0)
+  with pytest.raises(ValueError, match="n_keys"):
+    KeyValueTable(800, 2)
+
+
+@pytest.mark.parametrize("operands,ops", [(2, "+"), (3, "+-*")])
+def test_tasks_agree_with_python_arithmetic(operands, ops):
+  t = KeyValueTable(30, 3, 0.2, seed=1)
+  reg = kv_registry(t, operands, ops)
+  rng = np.random.default_rng(0)
+  for _ in range(50):
+    ex = reg["held_out"]["kv_arithmetic"].sample(rng)
+    expr = ex.prompt[:-1]
+    keys = [k for k in expr.replace("-", "+").replace("*", "+").split("+")]
+    assert all(k in t.held_out for k in keys)
+    numeric = expr
+    for k in keys:
+      numeric = numeric.replace(k, str(t.values[k]))
+    assert int(ex.answer) == eval(numeric)  # Python's own precedence is the reference
+    sub = reg["all"]["kv_substitution"].sample(rng)
+    assert sub.prompt.endswith(">")
+    want = sub.prompt[:-1]
+    for k in set(want.replace("-", "+").replace("*", "+").split("+")):
+      want = want.replace(k, str(t.values[k]))
+    assert sub.answer == want
+    num = reg["all"]["numeric_arithmetic"].sample(rng)
+    assert int(num.answer) == eval(num.prompt[:-1])
+  # a held-in expression set is finite and used whole
+  assert reg["held_in"]["kv_arithmetic"].num_prompts == 6 ** operands * len(ops) ** (operands - 1)
+
+
+def test_lora_control_matches_parameter_count():
+  from calm_jax import lora
+  from calm_jax.calm.kv_arithmetic import _lora_matching
+  from calm_jax.models import DecoderConfig
+  cfg = DecoderConfig.make(model_type="llama", vocab_size=100, hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+  spec, rank = _lora_matching(cfg, "layers/(q|k|v|o|gate|up|down)", 40_000)
+  n = lora.count_params(lora.init_lora(cfg, spec, 0))
+  per_rank = lora.count_params(lora.init_lora(cfg, lora.LoRASpec.create(cfg, rank=1), 0))
+  assert abs(n - 40_000) <= per_rank / 2 and spec.rank == rank
+
+
+def test_experiment_tiny_end_to_end(tmp_path, fast_compile):
+  from calm_jax.calm.kv_arithmetic import run
+  from configs.calm.kv_arithmetic import get_config
+  config = get_config("tiny")  # batch 16 over the 8 fake devices' data axis
+  out = run(config, tmp_path)
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert (tmp_path / "results.png").stat().st_size > 0
+  for model in ("m_A", "m_B", "calm"):
+    assert set(saved[model]) == {"kv_substitution", "numeric_arithmetic", "kv_arithmetic"}
+    assert all(0.0 <= v <= 1.0 for v in saved[model].values())
+  assert saved["seconds"] > 0 and saved["calm"] == out["calm"]
+  assert saved["held_in_keys"] == 4 and saved["n_keys"] == 20
+  # only the composition trained: its size is the ComposeParam count of one connection
+  e_a, e_b = config.m_a.model.hidden_size, config.m_b.model.hidden_size
+  assert saved["trained_params"] == e_a + e_a * e_b + e_b + e_b + 4 * e_b * e_b
