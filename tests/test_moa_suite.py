@@ -61,3 +61,21 @@ def test_suite_tiny_end_to_end(tiny_base_dir, tmp_path):
     ppl = E.routed_perplexity(merged, None, None, None, tok, [d], n_per_task=c.eval.n_per_task, registry=reg)
     assert acc[d] == res["per_domain"]["oracle"][d]
     np.testing.assert_allclose(ppl[d], res["perplexity"]["oracle"][d], rtol=1e-4)
+
+
+def test_domain_expert_command(tiny_base_dir, tmp_path):
+  """`configs/moa/expert.py:domain=NAME` through `launch.train`: a LoRA adapter for the base, saved on
+  its own, that loads back for this base and reproduces the accuracy the run reported."""
+  import subprocess
+  import sys
+  root = Path(__file__).resolve().parents[1]
+  proc = subprocess.run([sys.executable, "-m", "launch.train", "--config=configs/moa/expert.py:domain=max,tiny=True",
+                         f"--workdir={tmp_path}", f"--config.base_workdir={tiny_base_dir}"],
+                        cwd=root, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  res = json.loads((tmp_path / "results.json").read_text())
+  assert res["domain"] == "max" and 0 <= res["accuracy"] <= 1 and 0 <= res["base_accuracy"] <= 1
+  base = hf.load(Path(tiny_base_dir) / "hf")
+  factors, spec, meta = L.load_adapter(tmp_path / "adapter", base.params(), cfg=base.config)
+  assert spec.rank == 2 and set(spec.targets) == {"q", "k", "v", "o", "gate", "up", "down"}
+  assert any(np.abs(np.asarray(f["b"])).max() > 0 for f in factors.values())  # it trained (B starts at 0)
