@@ -4,7 +4,8 @@ code's way), same matrices, same precision (fp32), one run each.
 
 A random llama-shaped model (default ~134M parameters: hidden 768, 12 layers, intermediate 2048,
 vocab 32000, 12 heads) is drawn with numpy; torch gets the same matrices in its [out, in] layout.
-Our first call (with compile; compile time reported) is followed by one timed warm run; torch runs
+Our first call (with compile; compile time reported) is followed by one timed warm run, for both
+algorithms (`lapack`: gesdd, the default; `gram`: eigh of WᵀW, see svf/decompose.py); torch runs
 once after a one-matrix warm-up. Both sides are checked: max |U·diag(σ)·Vᵀ − W| and singular
 values against each other. torch uses `torch.set_num_threads(os.cpu_count())`.
 
@@ -75,6 +76,11 @@ def main(argv=None):
   ours = jax.block_until_ready(decompose(params, args.targets))
   ours_s = time.perf_counter() - t0
 
+  jax.block_until_ready(decompose(params, args.targets, algorithm="gram"))  # compile
+  t0 = time.perf_counter()
+  gram = jax.block_until_ready(decompose(params, args.targets, algorithm="gram"))
+  gram_s = time.perf_counter() - t0
+
   torch.linalg.svd(torch_mats[0], full_matrices=False)  # warm-up (LAPACK workspace, threads)
   t0 = time.perf_counter()
   theirs = [torch.linalg.svd(w, full_matrices=False) for w in torch_mats]
@@ -86,15 +92,22 @@ def main(argv=None):
   s_ours = np.concatenate([np.asarray(ours[n].s).reshape(-1) for n in names])
   s_torch = np.concatenate([s.numpy() for _, s, _ in theirs])
   sv_diff = float(np.max(np.abs(s_ours - s_torch)))
+  err_gram = max(float(jnp.max(jnp.abs(reconstruct(f) - mats[n]))) for n, f in gram.items())
+  s_gram = np.concatenate([np.asarray(gram[n].s).reshape(-1) for n in names])
+  sv_diff_gram = float(np.max(np.abs(s_gram - s_torch)))
 
   result = {"speedup_vs_torch": round(torch_s / ours_s, 2), "speedup_vs_torch_with_compile": round(torch_s / first_s, 2),
             "ours_s": round(ours_s, 3), "torch_s": round(torch_s, 3), "compile_s_ours": round(compile_s, 2),
             "matrices": n_mats, "max_recon_err_ours": err_ours, "max_recon_err_torch": err_torch,
-            "max_singular_value_diff": sv_diff}
+            "max_singular_value_diff": sv_diff, "gram_s": round(gram_s, 3),
+            "speedup_vs_torch_gram": round(torch_s / gram_s, 2), "max_recon_err_gram": err_gram,
+            "max_singular_value_diff_gram": sv_diff_gram}
   print(f"model {n_params / 1e6:.1f}M params; targets {args.targets}: {n_mats} matrices, {n_elems / 1e6:.1f}M "
         f"elements, fp32, {ncpu} CPUs (torch threads {torch.get_num_threads()}), jax devices {jax.devices()}")
   print(f"ours: {ours_s:.3f}s warm (first call {first_s:.3f}s, of which compile {compile_s:.2f}s)")
+  print(f"ours, algorithm='gram' (eigh of WᵀW): {gram_s:.3f}s warm")
   print(f"torch.linalg.svd loop: {torch_s:.3f}s")
+  print(f"gram: max reconstruction error {err_gram:.2e}; max |σ_gram − σ_torch| {sv_diff_gram:.2e}")
   print(f"max reconstruction error ours {err_ours:.2e}, torch {err_torch:.2e}; max |σ_ours − σ_torch| {sv_diff:.2e}")
   print(f"1-min load average before/after: {load[0]:.1f} / {load[1]:.1f}")
   if not args.no_write and not args.small:
@@ -122,11 +135,13 @@ def _append(result, args, n_params, n_mats, n_elems, ncpu, first_s, load, jax_v,
 
 | | CPU s | max recon. error |
 | --- | --- | --- |
-| ours (jit, vmapped over stacked layers) | {result['ours_s']} (first call {first_s:.3f}, compile {result['compile_s_ours']}) | {result['max_recon_err_ours']:.1e} |
+| ours, `algorithm="lapack"` (default; gesdd, jit, vmapped over stacked layers) | {result['ours_s']} (first call {first_s:.3f}, compile {result['compile_s_ours']}) | {result['max_recon_err_ours']:.1e} |
+| ours, `algorithm="gram"` (eigh of WᵀW, jit, vmapped) | {result['gram_s']} | {result['max_recon_err_gram']:.1e} |
 | `torch.linalg.svd` loop | {result['torch_s']} | {result['max_recon_err_torch']:.1e} |
 
-speedup vs torch: **{result['speedup_vs_torch']}x** warm, {result['speedup_vs_torch_with_compile']}x including our
-compile; max |σ_ours − σ_torch| {result['max_singular_value_diff']:.1e}. Goal (issue 5): ≥ 1.5× on CPU. GPU column: not
+speedup vs torch: **{result['speedup_vs_torch']}x** (lapack) and **{result['speedup_vs_torch_gram']}x** (gram) warm,
+{result['speedup_vs_torch_with_compile']}x including the lapack path's compile; max |σ − σ_torch| {result['max_singular_value_diff']:.1e}
+(lapack), {result['max_singular_value_diff_gram']:.1e} (gram). Goal (issue 5): ≥ 1.5× on CPU. GPU column: not
 measured (this run had no GPU).
 """
   with open(path, "a") as f:

@@ -8,12 +8,21 @@ decomposed as its transpose [E, F] with U and V swapped back) go through one jit
 `jnp.linalg.svd`, so all MLP matrices of a model are a single call. With a mesh, the stacked
 layer axis is split over its devices (SPMD, one slice of layers per device).
 
-The cache file is keyed by the base parameters' content fingerprint and the target regex
-(`svd-<fingerprint>-<regex hash>.safetensors` under the cache dir), written to a temporary
+Two algorithms (`algorithm`): "lapack" (default; LAPACK's divide-and-conquer `gesdd` through
+`jnp.linalg.svd`, what torch.linalg.svd runs too) and "gram": eigh of the small Gram matrix
+WᵀW (cols × cols) gives V and σ² in one symmetric eigensolve, U = W·V/σ. About 3-4× faster on
+CPU; the price is the Gram's squared condition number: σ_i loses relative accuracy as
+(σ_max/σ_i)²·ε and the U columns of tiny σ_i are not orthonormal. U·diag(σ)·Vᵀ = W·V·Vᵀ still
+reconstructs W to ~1e-6 relative, and an SVF update U·diag(σ⊙m)·Vᵀ = W·V·diag(m)·Vᵀ never
+divides by σ — so for SVF it is a sound speed/accuracy trade; measured in benchmarks/svd.py.
+
+The cache file is keyed by the base parameters' content fingerprint, the target regex and the
+algorithm (`svd-<fingerprint>-<hash>.safetensors` under the cache dir), written to a temporary
 name and renamed into place, so the decomposition runs once per base and target set.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -71,10 +80,25 @@ def as_matrix(name: str, w):
   raise ValueError(f"{name} is not an SVF target matrix (candidates: {', '.join(CANDIDATES)})")
 
 
-@jax.jit
-def svd_stack(w):
-  """Thin SVD of every matrix of w [N, rows, cols] in fp32: (U [N, rows, k], σ [N, k], V [N, cols, k])."""
-  u, s, vh = jax.vmap(lambda x: jnp.linalg.svd(x, full_matrices=False))(w.astype(jnp.float32))
+ALGORITHMS = ("lapack", "gram")
+
+
+@functools.partial(jax.jit, static_argnames="algorithm")
+def svd_stack(w, algorithm: str = "lapack"):
+  """Thin SVD of every matrix of w [N, rows, cols] (rows >= cols for "gram") in fp32:
+  (U [N, rows, k], σ [N, k] descending, V [N, cols, k])."""
+  w = w.astype(jnp.float32)
+  if algorithm == "gram":
+    g = jnp.einsum("nrc,nrd->ncd", w, w, precision=jax.lax.Precision.HIGHEST)
+    lam, v = jnp.linalg.eigh(g)                      # ascending
+    lam, v = lam[:, ::-1], v[:, :, ::-1]
+    s = jnp.sqrt(jnp.maximum(lam, 0.0))
+    u = jnp.einsum("nrc,nck->nrk", w, v, precision=jax.lax.Precision.HIGHEST)
+    u = u / jnp.where(s > 0, s, 1.0)[:, None, :]     # σ = 0: that column of W·V is 0 already
+    return u, s, v
+  if algorithm != "lapack":
+    raise ValueError(f"SVD algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+  u, s, vh = jax.vmap(lambda x: jnp.linalg.svd(x, full_matrices=False))(w)
   return u, s, jnp.swapaxes(vh, -1, -2)
 
 
@@ -87,11 +111,13 @@ def _place(x, mesh):
   return jax.device_put(x, jax.sharding.NamedSharding(flat, spec))
 
 
-def decompose(params, targets: str = "mlp", mesh=None) -> dict[str, Factors]:
+def decompose(params, targets: str = "mlp", mesh=None, algorithm: str = "lapack") -> dict[str, Factors]:
   """SVD factors of every target matrix of `params` (the decoder's nested dict), fp32.
 
   Matrices of equal shape (up to a transpose) are stacked and decomposed in one call.
   """
+  if algorithm not in ALGORITHMS:
+    raise ValueError(f"SVD algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
   layers = params["layers"]
   names = select_targets([f"layers/{k}" for k in layers], targets)
   groups: dict[tuple[int, int], list[tuple[str, bool, jax.Array]]] = {}
@@ -103,7 +129,7 @@ def decompose(params, targets: str = "mlp", mesh=None) -> dict[str, Factors]:
   out = {}
   for members in groups.values():
     stacked = jnp.concatenate([m.astype(jnp.float32) for _, _, m in members], axis=0)
-    u, s, v = svd_stack(_place(stacked, mesh))
+    u, s, v = svd_stack(_place(stacked, mesh), algorithm=algorithm)
     start = 0
     for name, flip, m in members:
       n = m.shape[0]
@@ -118,19 +144,21 @@ def reconstruct(f: Factors):
   return jnp.einsum("lrk,lk,lck->lrc", f.u, f.s, f.v)
 
 
-def cache_path(cache_dir, base_fingerprint: str, targets: str) -> Path:
-  tag = hashlib.sha256(target_regex(targets).encode()).hexdigest()[:8]
+def cache_path(cache_dir, base_fingerprint: str, targets: str, algorithm: str = "lapack") -> Path:
+  key = target_regex(targets) if algorithm == "lapack" else f"{target_regex(targets)}\0{algorithm}"
+  tag = hashlib.sha256(key.encode()).hexdigest()[:8]
   return Path(cache_dir) / f"svd-{base_fingerprint}-{tag}.safetensors"
 
 
-def cached_decompose(params, targets: str = "mlp", cache_dir=None, mesh=None) -> dict[str, Factors]:
-  """`decompose` with an on-disk cache keyed by the parameters' fingerprint and the target regex."""
+def cached_decompose(params, targets: str = "mlp", cache_dir=None, mesh=None,
+                     algorithm: str = "lapack") -> dict[str, Factors]:
+  """`decompose` with an on-disk cache keyed by the parameters' fingerprint, target regex and algorithm."""
   if not cache_dir:
-    return decompose(params, targets, mesh)
+    return decompose(params, targets, mesh, algorithm)
   from safetensors import safe_open
   from safetensors.numpy import save_file
   fp = fingerprint(params)
-  path = cache_path(cache_dir, fp, targets)
+  path = cache_path(cache_dir, fp, targets, algorithm)
   if path.exists():
     with safe_open(str(path), framework="numpy") as f:
       meta = f.metadata() or {}
@@ -138,7 +166,7 @@ def cached_decompose(params, targets: str = "mlp", cache_dir=None, mesh=None) ->
         raise ValueError(f"SVD cache {path} belongs to another base or target set ({meta}); delete it")
       names = sorted({k.rsplit("/", 1)[0] for k in f.keys()})
       return {n: Factors(*(jnp.asarray(f.get_tensor(f"{n}/{p}")) for p in "usv")) for n in names}
-  factors = decompose(params, targets, mesh)
+  factors = decompose(params, targets, mesh, algorithm)
   tensors = {f"{n}/{p}": np.ascontiguousarray(np.asarray(getattr(fac, p), np.float32))
              for n, fac in factors.items() for p in "usv"}
   path.parent.mkdir(parents=True, exist_ok=True)

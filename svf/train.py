@@ -65,7 +65,8 @@ def load_svf_model(config, base_hf: Path, mesh=None) -> SVFModel:
   """The base at `base_hf` with SVD factors of config.svf.targets (cached beside the base) and fresh z."""
   base = hf.load(base_hf)
   cache = config.svf.cache_dir or str(Path(base_hf).parent / "svd_cache")
-  factors = cached_decompose(base.params(), config.svf.targets, cache, mesh=mesh)
+  factors = cached_decompose(base.params(), config.svf.targets, cache, mesh=mesh,
+                             algorithm=config.svf.get("svd_algorithm", "lapack"))
   return SVFModel(base, factors, f=config.svf.f, init=config.svf.init, noise=config.svf.noise,
                   seed=int(config.seed))
 

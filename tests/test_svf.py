@@ -53,6 +53,33 @@ def test_svd_reconstructs_every_target_matrix(base):
                                atol=1e-5)
 
 
+def test_gram_svd_reconstructs_and_matches_numpy(base):
+  """The "gram" algorithm (eigh of WᵀW): W rebuilt to fp32 tolerance, σ against numpy's SVD to the
+  Gram's documented accuracy (ε·σ_max²/σ_i, here ≤ 5e-6·σ_max), orthonormal V, orthonormal U
+  columns wherever σ_i is not tiny, and the same SVF weights as the LAPACK factors."""
+  params = base.params()
+  gram, ref = dec.decompose(params, "both", algorithm="gram"), dec.decompose(params, "both")
+  for name, f in gram.items():
+    w = np.asarray(dec.as_matrix(name, params["layers"][name.split("/")[1]]))
+    k = f.s.shape[-1]
+    np.testing.assert_allclose(np.asarray(dec.reconstruct(f)), w, atol=2e-6, rtol=0, err_msg=name)
+    s_np = np.linalg.svd(w, compute_uv=False)
+    assert np.all(np.abs(np.asarray(f.s) - s_np) <= 5e-6 * s_np.max(axis=-1, keepdims=True)), name
+    np.testing.assert_allclose(np.einsum("lck,lcj->lkj", f.v, f.v), np.broadcast_to(np.eye(k), (w.shape[0], k, k)),
+                               atol=1e-5, err_msg=name)
+    big = np.asarray(f.s) >= 0.1 * np.asarray(f.s)[:, :1]
+    uu = np.einsum("lrk,lrj->lkj", f.u, f.u)
+    for l in range(w.shape[0]):
+      b = big[l]
+      np.testing.assert_allclose(uu[l][np.ix_(b, b)], np.eye(b.sum()), atol=1e-4, err_msg=name)
+    # an SVF update U diag(σ⊙m) Vᵀ agrees between the two factorisations
+    m = np.linspace(0.2, 1.5, k, dtype=np.float32)
+    upd = lambda g: np.einsum("lrk,lk,lck->lrc", g.u, np.asarray(g.s) * m, g.v)
+    np.testing.assert_allclose(upd(f), upd(ref[name]), atol=5e-6, err_msg=name)
+  with pytest.raises(ValueError, match="algorithm"):
+    dec.decompose(params, "mlp", algorithm="qr")
+
+
 def test_svd_on_a_mesh_equals_one_device(base):
   params = base.params()
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:2]), ("data",))  # 3·L = 6 MLP matrices split over 2
