@@ -23,7 +23,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from calm_jax import hf
+from calm_jax import hf, sharding
 from calm_jax.experiment import suite_accuracy, write_results
 from calm_jax.fingerprint import fingerprint
 from calm_jax.pretrain import base_hf_dir, lm_batch_loss, task_registry
@@ -130,7 +130,8 @@ def run(config, workdir) -> dict:
   base_hf = base_dir(config)
   tokenizer = load_tokenizer(base_hf)
   registry = registry_for(config)
-  model = load_svf_model(config, base_hf)
+  mesh = sharding.make_mesh(config.mesh)  # the SVD and the training step share the config's mesh
+  model = load_svf_model(config, base_hf, mesh)
   base_fp = fingerprint(model.base.params())
   adapted = (lambda m: m.adapted_params())
   if lora:
@@ -177,7 +178,7 @@ def run(config, workdir) -> dict:
     return {"val_accuracy": val}
 
   keep_if_best(model, 0)  # the start (z = init, W' ≈ W) is a candidate too
-  result = train(model, loss_fn=loss_fn, batch_fn=batch_fn, config=config, workdir=workdir, eval_fn=keep_if_best,
+  result = train(model, loss_fn=loss_fn, batch_fn=batch_fn, config=config, workdir=workdir, eval_fn=keep_if_best, mesh=mesh,
                  meta={"base": base_fp, "targets": target_regex(config.svf.targets), "task": config.task},
                  quiet=config.get("quiet", False))
   if not int(config.get("eval_every", 0)):
