@@ -292,6 +292,24 @@ class _Holder(nnx.Module):
   """Attribute holder (one per target) for the LoRA factors."""
 
 
+def factor_module(cfg: DecoderConfig, spec: LoRASpec, lora) -> nnx.Module:
+  """The factors as `LoRAParam`s with their logical axes (`.NAME.a`, `.NAME.b`); copies the arrays
+  (the trainer donates the state it trains). Used by every module holding LoRA factors."""
+  specs = lora_specs(cfg, spec)
+  holder = _Holder()
+  for name in spec.targets:
+    h = _Holder()
+    for part in ("a", "b"):
+      setattr(h, part, LoRAParam(jnp.array(lora[name][part]), axes=specs[f"{name}/{part}"].axes))
+    setattr(holder, name, h)
+  return holder
+
+
+def module_factors(holder: nnx.Module, spec: LoRASpec) -> dict[str, Any]:
+  """The plain factor dict of a `factor_module`."""
+  return {n: {p: getattr(getattr(holder, n), p)[...] for p in ("a", "b")} for n in spec.targets}
+
+
 class LoRAModel(nnx.Module):
   """A frozen base (`nnx.Param`) plus `LoRAParam` factors; `__call__` gives logits for the trainer.
 
@@ -306,20 +324,14 @@ class LoRAModel(nnx.Module):
     if lora is None:
       lora = init_lora(base.config, spec, seed, base.dtype)
     check_lora(base.config, spec, lora)
-    specs = lora_specs(base.config, spec)
-    self.lora = _Holder()
-    for name in spec.targets:
-      h = _Holder()
-      for part in ("a", "b"):
-        setattr(h, part, LoRAParam(jnp.array(lora[name][part]), axes=specs[f"{name}/{part}"].axes))
-      setattr(self.lora, name, h)
+    self.lora = factor_module(base.config, spec, lora)
 
   @property
   def config(self) -> DecoderConfig:
     return self.base.config
 
   def factors(self) -> dict[str, Any]:
-    return {n: {p: getattr(getattr(self.lora, n), p)[...] for p in ("a", "b")} for n in self.spec.targets}
+    return module_factors(self.lora, self.spec)
 
   def extra(self, experts=None, weights=None, rng=None):
     return lora_extra(self.factors(), self.config.num_layers, experts, weights, rng)

@@ -13,15 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from calm_jax.lora import LoRASpec, check_lora, lora_extra, lora_specs, validate_experts
+from calm_jax.lora import LoRASpec, check_lora, factor_module, lora_extra, module_factors, validate_experts
 from calm_jax.models.decoder import Decoder, forward
 from calm_jax.train import lm_loss
-from calm_jax.variables import LoRAParam, RouterParam
+from calm_jax.variables import RouterParam
 from moa.routers import all_logits, init_routers, router_axes
-
-
-class _Holder(nnx.Module):
-  pass
 
 
 def prompt_mask(batch):
@@ -37,13 +33,7 @@ class MoAModel(nnx.Module):
     check_lora(base.config, spec, experts)
     self.base = base
     self.spec = spec
-    specs = lora_specs(base.config, spec)
-    self.experts = _Holder()
-    for name in spec.targets:
-      h = _Holder()
-      for part in ("a", "b"):
-        setattr(h, part, LoRAParam(jnp.array(experts[name][part]), axes=specs[f"{name}/{part}"].axes))
-      setattr(self.experts, name, h)
+    self.experts = factor_module(base.config, spec, experts)
     routers = routers if routers is not None else init_routers(base.config, spec.num_experts, seed, base.dtype)
     if routers["w"].shape != (base.config.num_layers, base.config.hidden_size, spec.num_experts):
       raise ValueError(f"routers of shape {routers['w'].shape} do not fit {spec.num_experts} experts")
@@ -56,7 +46,7 @@ class MoAModel(nnx.Module):
     return self.base.config
 
   def factors(self) -> dict:
-    return {n: {p: getattr(getattr(self.experts, n), p)[...] for p in ("a", "b")} for n in self.spec.targets}
+    return module_factors(self.experts, self.spec)
 
   def routers(self) -> dict:
     return {"w": self.router_w[...], "b": self.router_b[...]}
