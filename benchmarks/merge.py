@@ -219,7 +219,8 @@ def main(argv=None):
   ap.add_argument("--runs", type=int, default=2, help="rounds (each runs every merge once); medians over them")
   ap.add_argument("--max-minutes", type=float, default=15,
                   help="start no further round when it would end past this many minutes of merging")
-  ap.add_argument("--only", default="ta,ties,metagpt", help="comma-separated subset of ta,ties,metagpt")
+  ap.add_argument("--only", default="ta,ties,metagpt,ta_fast,metagpt_fast",
+                  help="comma-separated subset of ta,ties,metagpt and their _fast variants (low_memory=False)")
   ap.add_argument("--tmp", default=None, help="parent of the temporary directory (default: the system's)")
   ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
   ap.add_argument("--no-drop", action="store_true", help="do not drop the page cache before timed runs")
@@ -274,6 +275,9 @@ def main(argv=None):
                  lambda o: theirs(ties_yml, o)),
         "metagpt": (lambda o: ours("metagpt.py", o), None),  # mergekit side built from our λ's
     }
+    # "_fast": the same merge with glibc's allocator left as it is (--config.low_memory=False)
+    for c in ("ta", "ties", "metagpt"):
+      pairs[c + "_fast"] = (lambda o, c=c: pairs[c][0](o) + ["--config.low_memory=False"], pairs[c][1])
     times = {k: [] for k in ["io"] + [f"{c}_{s}" for c in cases for s in ("ours", "mk")]}
     rss = {k: [] for k in times}
     dropped_all, diffs, lambdas, load = True, {}, None, [os.getloadavg()[0]]
@@ -303,7 +307,7 @@ def main(argv=None):
           ours_out, mk_out = tmp / f"ours_{case}", tmp / f"mk_{case}"
           shutil.rmtree(mk_out, ignore_errors=True)
           record(f"{case}_ours", timed(pairs[case][0](ours_out), tmp / f"{case}_ours.log", env, not args.no_drop))
-          if case == "metagpt":
+          if case.startswith("metagpt"):
             lambdas = json.loads((ours_out / "merge_report.json").read_text())["lambdas"]
             yml = mk_yaml(tmp / "metagpt_ta.yml", "task_arithmetic", base, fts, lambdas,
                           parameters={"normalize": False, "lambda": 1.0})
@@ -371,6 +375,7 @@ def _append(result, args, n_params, in_bytes, out_bytes, med, mrss, times, diffs
   gib = 2 ** 30
   names = {"ta": "task_arithmetic (w 1,1,1, λ 0.5)", "ties": "TIES, mergekit convention, density 0.5",
            "metagpt": "MetaGPT vs mergekit task_arithmetic with weight λ_t"}
+  names.update({c + "_fast": names[c] + ", `low_memory=False`" for c in list(names)})
   rows = []
   for c in [k[:-5] for k in med if k.endswith("_ours")]:
     rows.append(f"| {names[c]} | {med[c + '_ours']:.1f} | {med[c + '_mk']:.1f} | "

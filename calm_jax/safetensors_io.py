@@ -3,14 +3,18 @@
 Reader: tensors are numpy views of a read-only memory map, so a tensor costs memory only
 when touched. Writer: shards are planned from (name, shape, dtype) up front, so each header is
 written first and tensors are then streamed to disk one at a time, in one pass.
-Used by `calm_jax.hf` for whole models and by `merging/` for tensor-by-tensor merges.
+Used by `calm_jax.hf` for whole models and by `merging/` for tensor-by-tensor merges, which
+read ahead (`SafetensorsFile.prefetch`) and write behind (`BackgroundWriter`) the tensor they compute.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
+import mmap
 import os
 import struct
+import threading
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -28,6 +32,26 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 MAX_HEADER = 100 * 1024 * 1024
+MIN_READAHEAD = 128 << 10   # Linux's default read-ahead window (read_ahead_kb = 128)
+
+
+@functools.lru_cache(maxsize=None)
+def _readahead_bytes(dev: int) -> int:
+  """The most one WILLNEED hint reads on block device `dev`.
+
+  Linux caps each hint at max(read-ahead window, largest request) (`force_page_cache_ra`), so a
+  tensor is hinted in chunks of that size: larger chunks would be cut short, smaller ones cost
+  more syscalls and requests. Read from sysfs; the default window where the device is unknown
+  (overlayfs, tmpfs, not Linux).
+  """
+  dev_dir = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+  for queue in (dev_dir / "queue", dev_dir / ".." / "queue"):  # a disk, or a partition's disk
+    try:
+      kb = max(int((queue / f).read_text()) for f in ("read_ahead_kb", "max_sectors_kb"))
+    except (OSError, ValueError):
+      continue
+    return min(max(kb << 10, MIN_READAHEAD), 64 << 20)
+  return MIN_READAHEAD
 
 
 class CheckpointError(ValueError):
@@ -112,11 +136,34 @@ class SafetensorsFile:
       raise CheckpointError(f"{self.path}: no tensor {name}")
     if self._mmap is None:
       self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-    dt, shape, begin = self.entries[name]
-    off = self.data_start + begin
-    nbytes = math.prod(shape) * dt.itemsize
-    return self._mmap[off: off + nbytes].view(dt).reshape(shape)
+    dt, shape, _ = self.entries[name]
+    start, end = self._span(name)
+    return self._mmap[start: end].view(dt).reshape(shape)
 
+  def _span(self, name) -> tuple[int, int]:
+    """The tensor's byte range in the file."""
+    dt, shape, begin = self.entries[name]
+    start = self.data_start + begin
+    return start, start + math.prod(shape) * dt.itemsize
+
+  def prefetch(self, name) -> None:
+    """Asks the OS to read the tensor's bytes into the page cache, and returns without waiting.
+
+    A hint for streaming consumers, called from a background thread for the tensors after the
+    one being processed, so the disk reads them meanwhile (`posix_fadvise(WILLNEED)`, which
+    releases the GIL; a no-op where it does not exist). The pages land in the page cache, not in
+    this process's resident set (they are mapped when `get`'s view is read).
+    """
+    if name not in self.entries or not hasattr(os, "posix_fadvise"):
+      return
+    start, end = self._span(name)
+    fd = os.open(self.path, os.O_RDONLY)
+    try:
+      chunk = _readahead_bytes(os.fstat(fd).st_dev)
+      for off in range(start, end, chunk):
+        os.posix_fadvise(fd, off, min(chunk, end - off), os.POSIX_FADV_WILLNEED)
+    finally:
+      os.close(fd)
 
   def release(self, name) -> None:
     """Drops the tensor's pages from this process's resident set (they stay in the page cache).
@@ -125,15 +172,12 @@ class SafetensorsFile:
     """
     if self._mmap is None or name not in self.entries:
       return
-    import mmap as _mmap
-    dt, shape, begin = self.entries[name]
-    start = self.data_start + begin
-    end = start + math.prod(shape) * dt.itemsize
-    page = _mmap.PAGESIZE
+    start, end = self._span(name)
+    page = mmap.PAGESIZE
     lo, hi = (start // page) * page, -(-end // page) * page
     hi = min(hi, len(self._mmap))
     if hi > lo and hasattr(self._mmap._mmap, "madvise"):
-      self._mmap._mmap.madvise(_mmap.MADV_DONTNEED, lo, hi - lo)
+      self._mmap._mmap.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 class CheckpointReader:
@@ -194,6 +238,10 @@ class CheckpointReader:
     if name not in self.location:
       raise CheckpointError(f"{self.dir}: missing tensor {name}")
     return self.files[self.location[name]].get(name)
+
+  def prefetch(self, name) -> None:
+    if name in self.location:
+      self.files[self.location[name]].prefetch(name)
 
   def release(self, name) -> None:
     if name in self.location:
@@ -285,6 +333,100 @@ class ShardedWriter:
       self.close()
     elif self.file is not None:
       self.file.close()
+
+
+class BackgroundWriter:
+  """Runs `writer.write` (a `ShardedWriter`) in one background thread, so the caller computes
+  tensor i + 1 while tensor i goes to disk.
+
+  One tensor at most is in flight: `write` first waits for the previous one (re-raising its error
+  in the caller), so memory holds one output tensor more than a serial writer. The array handed
+  over must be host memory that nobody modifies afterwards (numpy); `then()`, if given, runs in
+  the thread once it is written (e.g. frees the input pages it was read from). Leaving the `with`
+  block waits for the write in flight and, on a normal exit, re-raises its error; on an error in
+  the caller it only waits, so that nothing writes into the output directory while an
+  atomic-output wrapper removes it. `threaded=False` writes inline (the serial reference).
+  """
+
+  def __init__(self, writer, threaded: bool = True):
+    self.writer = writer
+    self._job = None      # (name, array, then) handed to the thread, None once written
+    self._error = None    # what the last job raised, re-raised by `wait`
+    self._stop = False
+    self._cv = threading.Condition()
+    self._thread = None
+    if threaded:
+      self._thread = threading.Thread(target=self._run, name="safetensors-writer", daemon=True)
+      self._thread.start()
+
+  def _run(self) -> None:
+    while True:
+      with self._cv:
+        while self._job is None and not self._stop:
+          self._cv.wait()
+        if self._job is None:
+          return
+        name, array, then = self._job
+      error = None
+      try:
+        self.writer.write(name, array)
+        if then is not None:
+          then()
+      except BaseException as e:  # handed to the caller
+        error = e
+      name = array = then = None  # free the tensor now, not when the next one arrives
+      with self._cv:
+        self._job, self._error = None, error
+        self._cv.notify_all()
+
+  def wait(self) -> None:
+    """Waits for the write in flight; re-raises its error."""
+    with self._cv:
+      while self._job is not None:
+        self._cv.wait()
+      error, self._error = self._error, None
+    if error is not None:
+      raise error
+
+  def write(self, name, array, then=None) -> None:
+    if self._thread is None:
+      self.writer.write(name, array)
+      if then is not None:
+        then()
+      return
+    self.wait()
+    with self._cv:
+      self._job = (name, array, then)
+      self._cv.notify_all()
+
+  def close(self) -> None:
+    """Waits for the last write (re-raising its error) and ends the thread."""
+    try:
+      self.wait()
+    finally:
+      self._end()
+
+  def _end(self) -> None:
+    if self._thread is not None:
+      with self._cv:
+        self._stop = True
+        self._cv.notify_all()
+      self._thread.join()
+      self._thread = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, *a):
+    if exc_type is None:
+      self.close()
+      return
+    try:
+      self.wait()
+    except BaseException:
+      pass  # the caller's error wins
+    finally:
+      self._end()
 
 
 def iter_tensors(reader: CheckpointReader) -> Iterator[tuple[str, np.ndarray]]:

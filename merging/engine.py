@@ -8,11 +8,15 @@ is live at a time:
   pass 1  (MetaGPT, global TIES)  per-tensor ‖τ_i‖² and magnitude histograms, summed on the host;
   pass 2  (global TIES only)      the low-bit histogram that makes the threshold exact;
   merge                          `kernels.merge_tensor` per selected tensor, the base value otherwise.
+
+Every pass reads ahead: where the source can (`Source.prefetch`, memory-mapped checkpoints), a
+`Prefetcher` thread asks for the inputs of the next tensors while the current one is computed.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Mapping, Protocol
+import threading
+from typing import Callable, Iterator, Mapping, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +46,7 @@ class Source(Protocol):
   def where(self, i: int, name: str) -> str: ...           # "tensor X in FILE", for error messages
   def origin(self, i: int) -> str: ...                     # "model 1 (DIR)", for error messages
   def release(self, name: str) -> None: ...                # done with tensor `name` in every model (frees mmap pages)
+  # Optional: `prefetch(i, name)` starts reading the tensor ahead of `get` (a hint, called from a thread).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +144,52 @@ def _put(x, sharding):
   return jax.make_array_from_callback(x.shape, sharding, lambda idx: np.asarray(x[idx]))
 
 
+class Prefetcher:
+  """One background thread that calls `fetch(item)` for the items after the one being processed.
+
+  The consumer calls `at(i)` when it starts item i; the thread then fetches, in order and once
+  each, items up to i + `depth` and waits, so the read-ahead stays within `depth` tensors (a
+  small multiple of the largest tensor). Items the consumer has passed are skipped. Fetching is
+  a hint: its errors are ignored (the consumer reads, and reports errors, itself). A context
+  manager: leaving it stops the thread.
+  """
+
+  def __init__(self, fetch: Callable, items: Sequence, depth: int = 2):
+    self.fetch, self.items, self.depth = fetch, items, depth
+    self._pos, self._stop = 0, False
+    self._cv = threading.Condition()
+    self._thread = threading.Thread(target=self._run, name="merge-prefetch", daemon=True)
+
+  def __enter__(self):
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    with self._cv:
+      self._stop = True
+      self._cv.notify_all()
+    self._thread.join()
+
+  def at(self, i: int) -> None:
+    with self._cv:
+      self._pos = i
+      self._cv.notify_all()
+
+  def _run(self) -> None:
+    for j, item in enumerate(self.items):
+      with self._cv:
+        while not self._stop and j > self._pos + self.depth:
+          self._cv.wait()
+        if self._stop:
+          return
+        if j < self._pos:
+          continue
+      try:
+        self.fetch(item)
+      except Exception:
+        pass
+
+
 class Merger:
   """Runs the passes over a `Source`; iterate it for (name, merged tensor) in the base's order.
 
@@ -146,11 +197,14 @@ class Merger:
   evenly over the devices and the kernels run sharded (XLA partitions the reductions: norms,
   histograms, sorts); other tensors (norm vectors, odd sizes) run on one device. Results equal
   the single-device ones: the kernels are elementwise or per-tensor reductions and the DARE masks
-  are counter-based per element.
+  are counter-based per element. `prefetch` (default on) reads the next tensors' inputs ahead in a
+  background thread where the source can (`Prefetcher`).
   """
 
-  def __init__(self, source: Source, opts: MergeOptions, progress: bool = False, mesh=None):
+  def __init__(self, source: Source, opts: MergeOptions, progress: bool = False, mesh=None,
+               prefetch: bool = True):
     self.source, self.opts, self.progress = source, opts, progress
+    self.prefetch = prefetch and callable(getattr(source, "prefetch", None))
     self.mesh = merge_mesh(mesh)
     self.sharding = None if self.mesh is None else NamedSharding(self.mesh, P("x"))
     self.plans = plan(source, opts)
@@ -176,9 +230,25 @@ class Merger:
       bad = [self.source.where(i - 1, name) for i in np.flatnonzero(~finite)]
       raise MergeError(f"NaN or Inf in {'; '.join(bad)}")
 
-  def _bar(self, desc):
-    merged = [p for p in self.plans if p.merge]
-    return tqdm(merged, desc=desc, unit="tensor", disable=not self.progress, leave=False)
+  def _fetch(self, p: TensorPlan) -> None:
+    """Reads ahead what processing `p` reads: every model's tensor, or the base's alone if kept."""
+    for i in ((-1, *range(self.source.num_models)) if p.merge else (-1,)):
+      self.source.prefetch(i, p.name)
+
+  def _ahead(self, plans: list[TensorPlan]) -> Iterator[TensorPlan]:
+    """`plans` in order, the inputs of the next ones read ahead by a `Prefetcher` thread."""
+    if not self.prefetch or len(plans) < 2:
+      yield from plans
+      return
+    with Prefetcher(self._fetch, plans) as ahead:
+      for i, p in enumerate(plans):
+        ahead.at(i)
+        yield p
+
+  def _bar(self, desc, plans=None):
+    plans = [p for p in self.plans if p.merge] if plans is None else plans
+    return tqdm(self._ahead(plans), desc=desc, total=len(plans), unit="tensor", disable=not self.progress,
+                leave=False)
 
   def prepare(self) -> None:
     """The statistics passes (only for methods that need global statistics)."""
@@ -213,23 +283,41 @@ class Merger:
       self.thresholds = search.thresholds(ranks, bins, rest)
       self.report.ties_threshold(self.thresholds, ranks, search.count)
 
-  def __iter__(self) -> Iterator[tuple[str, object]]:
+  def merged(self) -> Iterator[tuple[TensorPlan, object]]:
+    """The merge pass: (plan, tensor) in the base's order.
+
+    A merged tensor comes flat (reshape it to `plan.shape`; the pytree API does, the streaming
+    merge does it on the host copy, for free) and its inputs are already released. A kept tensor
+    is the base's value, maybe a view of its memory map: call `done(plan)` once it is used.
+    """
     self.prepare()
     opts = self.opts
     lam = np.float32(opts.lam)
-    bar = tqdm(self.plans, desc="merge", unit="tensor", disable=not self.progress, leave=False)
-    for p in bar:
+    # Only DARE's masks use the key: other methods pass one constant key (no per-tensor dispatch).
+    key = None if opts.kernel.sparsify == "random" else kernels.tensor_key(opts.seed, "")
+    for p in self._bar("merge", self.plans):
       if not p.merge:
         base = self.source.get(-1, p.name)
-        yield p.name, (base.astype(opts.out_dtype) if opts.out_dtype and is_float(p.dtype) else base)
-        self.source.release(p.name)  # the consumer has written it
+        yield p, (base.astype(opts.out_dtype) if opts.out_dtype and is_float(p.dtype) else base)
         continue
       base, models = self._inputs(p)
       merged, st = kernels.merge_tensor(base, models, self.weights, lam, self.thresholds,
-                                        kernels.tensor_key(opts.seed, p.name), spec=opts.kernel)
-      st = jax.device_get(st)
+                                        kernels.tensor_key(opts.seed, p.name) if key is None else key,
+                                        spec=opts.kernel)
+      st = jax.device_get(st)  # the kernel has run: its inputs are not read again
+      del base, models
+      self.source.release(p.name)
       self._check_finite(p.name, st["finite"])
       self.report.tensor(p, st)
-      del base, models
-      yield p.name, merged.reshape(p.shape)
+      yield p, merged
+
+  def done(self, p: TensorPlan) -> None:
+    """The consumer is done with the tensor `merged()` yielded for `p` (frees a kept tensor's pages)."""
+    if not p.merge:
       self.source.release(p.name)
+
+  def __iter__(self) -> Iterator[tuple[str, object]]:
+    """(name, merged tensor in its shape), in the base's order."""
+    for p, tensor in self.merged():
+      yield p.name, tensor.reshape(p.shape)
+      self.done(p)  # the consumer has used it

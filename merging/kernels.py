@@ -69,9 +69,17 @@ def low_histogram(base, models, hi_bin):
   return jax.vmap(lambda s: jnp.bincount(s, length=LO_BINS + 1))(sel)[:, :LO_BINS]
 
 
+@functools.lru_cache(maxsize=None)
+def _seed_key(seed: int) -> jax.Array:
+  return jax.random.key(seed)
+
+
+_fold_in = jax.jit(jax.random.fold_in)  # one dispatch per tensor, not the ~1 ms of eager ops
+
+
 def tensor_key(seed: int, name: str) -> jax.Array:
   """The DARE key of one tensor: a function of (seed, tensor name) only, so masks are reproducible."""
-  return jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
+  return _fold_in(_seed_key(seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 
 def _keep_mask(key, i, keep, shape):

@@ -9,6 +9,11 @@ The output is an HF directory: config.json and the tokenizer / generation files 
 the base, sharded safetensors + index, and `merge_report.json`; it is written under a
 temporary name and renamed into place, so a failed or killed merge leaves no output directory.
 
+The merge is a pipeline (`pipeline=True`, the default): while tensor i is computed, a thread asks
+the OS to read the inputs of tensors i+1, i+2 (`engine.Prefetcher`, every pass) and another writes
+tensor i-1 (`BackgroundWriter`), so reading, computing and writing overlap; the result is the
+serial one bit for bit.
+
 Several hosts (`jax.distributed`, mesh="all"): every process runs the same merge over the same
 input files (a shared filesystem) and reads only its devices' slices of each tensor; merged
 tensors are gathered to the hosts and process 0 alone writes the output, which exists for every
@@ -17,6 +22,7 @@ process when the call returns.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -28,7 +34,7 @@ from jax.experimental import multihost_utils
 
 from calm_jax.atomic import atomic_dir, check_writable
 from calm_jax.hf import AUX_FILES
-from calm_jax.safetensors_io import CheckpointReader, ShardedWriter
+from calm_jax.safetensors_io import BackgroundWriter, CheckpointReader, ShardedWriter
 from merging.engine import Merger, is_float
 from merging.options import MergeError, resolve_checked
 
@@ -36,11 +42,14 @@ REPORT_NAME = "merge_report.json"
 
 
 def return_freed_memory() -> None:
-  """Makes glibc give freed tensor-sized blocks back to the OS at once (no-op elsewhere).
+  """Makes glibc give freed tensor-sized blocks back to the OS at once (no-op elsewhere): the
+  `low_memory` merge (the default).
 
-  Without it, per-thread malloc arenas keep the fp32 temporaries of earlier tensors, and the
-  RSS of a long streaming merge creeps up by tens of MB. Allocations ≥ 64 KiB are mmap'ed (freed
-  on free), and the heap is trimmed whenever its top is free.
+  Without it, per-thread malloc arenas keep the fp32 temporaries of earlier tensors and peak RSS
+  is ~19x the largest tensor instead of ~11x (tests/test_merging_memory.py). With it, every
+  large buffer is a fresh mapping that the kernel zero-fills again for every tensor: the 0.48B
+  benchmark merge takes ~20-35% longer. Allocations >= 64 KiB are mmap'ed (freed on free), and
+  the heap is trimmed whenever its top is free. Process-wide and not undone.
   """
   try:
     libc = ctypes.CDLL("libc.so.6")
@@ -69,6 +78,10 @@ class CheckpointSource:
 
   def get(self, i, name):
     return self.readers[i].get(name)
+
+  def prefetch(self, i, name):
+    """Starts reading model i's tensor into the page cache (a hint; `engine.Prefetcher` calls it)."""
+    self.readers[i].prefetch(name)
 
   def origin(self, i):
     return f"{'the base' if i < 0 else f'model {i}'} ({self.dirs[i]})"
@@ -114,24 +127,29 @@ def to_host(x) -> np.ndarray:
 
 
 def merge_checkpoints(base, models: Sequence, out, method: str = "metagpt", *, overwrite: bool = False,
-                      max_shard_size="2GB", progress: bool = True, mesh=None, **options) -> Path:
+                      max_shard_size="2GB", progress: bool = True, mesh=None, pipeline: bool = True,
+                      low_memory: bool = True, **options) -> Path:
   """Merges HF checkpoint directories `models` onto `base` into the HF directory `out`.
 
   Options are those of `merging.merge` (method, weights, lam, density, drop_rate, sparsify,
   convention, trim, vote, normalize, rescale, seed, include, exclude, vocab_policy, out_dtype).
   `mesh` ("all" or a `jax.sharding.Mesh`; default one device) shards each tensor over the devices.
+  `pipeline=False` reads, computes and writes one tensor after the other (the serial reference;
+  same output). `low_memory=False` leaves glibc's allocator as it is: faster, more peak RSS (`return_freed_memory`).
   Returns `out`. Raises `MergeError` / `CheckpointError` on bad input before any output exists.
   """
   main = jax.process_index() == 0
   out = check_writable(out, overwrite)  # on every process, so all fail alike before any collective
-  return_freed_memory()
+  if low_memory:
+    return_freed_memory()
   base_dir, model_dirs = Path(base), [Path(m) for m in models]
   for d in (base_dir, *model_dirs):
     if d.absolute() == out:
       raise MergeError(f"output {out} is one of the input models")
   base_cfg = check_architectures(base_dir, model_dirs)
   source = CheckpointSource(base_dir, model_dirs)
-  merger = Merger(source, resolve_checked(method, len(model_dirs), options), progress=progress, mesh=mesh)
+  merger = Merger(source, resolve_checked(method, len(model_dirs), options), progress=progress, mesh=mesh,
+                  prefetch=pipeline)
   merger.report.set_models(model_dirs)
   merger.report.data["base"] = str(base_dir)
   merger.prepare()  # statistics passes: before the output directory exists
@@ -142,8 +160,9 @@ def merge_checkpoints(base, models: Sequence, out, method: str = "metagpt", *, o
     base_cfg["dtype"] = out_dtype
     base_cfg.pop("torch_dtype", None)
   if not main:  # the collectives of every tensor, in the same order as process 0; it writes
-    for _, tensor in merger:
+    for p, tensor in merger.merged():
       to_host(tensor)
+      merger.done(p)
     multihost_utils.sync_global_devices("merge_checkpoints: written")
     return out
   with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -151,9 +170,12 @@ def merge_checkpoints(base, models: Sequence, out, method: str = "metagpt", *, o
       if (base_dir / f).exists():
         shutil.copy2(base_dir / f, tmp / f)
     (tmp / "config.json").write_text(json.dumps(base_cfg, indent=2))
-    with ShardedWriter(tmp, specs, max_shard_size, metadata={"merge_method": method}) as writer:
-      for name, tensor in merger:
-        writer.write(name, to_host(tensor))
+    # to_host (a collective on several hosts) stays in this thread, in plan order; the writer
+    # thread gets host memory, and frees a kept tensor's mapped pages once it is written.
+    with ShardedWriter(tmp, specs, max_shard_size, metadata={"merge_method": method}) as writer, \
+        BackgroundWriter(writer, threaded=pipeline) as background:
+      for p, tensor in merger.merged():
+        background.write(p.name, to_host(tensor).reshape(p.shape), then=functools.partial(merger.done, p))
     merger.report.write(tmp / REPORT_NAME)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("merge_checkpoints: written")

@@ -7,11 +7,13 @@ The numpy references below are written from the papers / the mergekit source, no
 Leaf sizes match `merge_zoo` (2048, 1024, 32 elements) so kernels compile once per size for
 the whole session.
 """
+import errno
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -461,6 +463,87 @@ def test_stream_sigkill_leaves_no_output(zoo, tmp_path):
     assert killed, f"merge ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
     assert proc.returncode == -signal.SIGKILL
     assert not out.exists()
+
+
+PIPELINE_CASES = {
+    "task_arithmetic": dict(method="task_arithmetic", exclude=["norm"]),  # kept tensors: written from the map
+    "metagpt": dict(method="metagpt"),                                     # statistics pass
+    "ties_global": dict(method="ties", density=0.4),                       # both statistics passes
+    "dare": dict(method="dare", drop_rate=0.3, seed=5),                    # per-tensor DARE keys
+    "average_bf16": dict(method="average", out_dtype="bfloat16", exclude=["lm_head"]),  # kept tensor cast
+}
+
+
+@pytest.mark.parametrize("case", list(PIPELINE_CASES))
+def test_stream_pipeline_equals_serial(zoo, tmp_path, monkeypatch, case):
+    """Read-ahead + write-behind give the serial merge's files byte for byte, and the same report."""
+    from merging.stream import CheckpointSource
+    base, fts = zoo
+    fetched = []
+    prefetch = CheckpointSource.prefetch
+    monkeypatch.setattr(CheckpointSource, "prefetch", lambda self, i, n: fetched.append(n) or prefetch(self, i, n))
+    outs = {}
+    for pipeline in (False, True):
+        fetched.clear()
+        outs[pipeline] = merging.merge_checkpoints(base, fts, tmp_path / f"p{pipeline}", progress=False,
+                                                   max_shard_size="4KB", pipeline=pipeline, **PIPELINE_CASES[case])
+        assert bool(fetched) == pipeline
+    files = sorted(p.name for p in outs[False].iterdir())
+    assert files == sorted(p.name for p in outs[True].iterdir()) and len(files) > 5
+    for f in files:
+        if f != "merge_report.json":
+            assert (outs[False] / f).read_bytes() == (outs[True] / f).read_bytes(), f
+    reports = [json.loads((outs[p] / "merge_report.json").read_text()) for p in (False, True)]
+    assert reports[0] == reports[1]
+
+
+def merge_threads():
+    return [t for t in threading.enumerate() if t.name in ("safetensors-writer", "merge-prefetch")]
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "metagpt"])
+def test_stream_writer_thread_error_propagates(zoo, tmp_path, monkeypatch, method):
+    """A write failing in the writer thread (disk full on the 3rd tensor) fails the merge with that
+    error, leaves no output directory and no thread behind."""
+    from calm_jax.safetensors_io import ShardedWriter
+    base, fts = zoo
+    calls = []
+    write = ShardedWriter.write
+
+    def full_disk(self, name, array):
+        calls.append(threading.current_thread().name)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(self, name, array)
+
+    monkeypatch.setattr(ShardedWriter, "write", full_disk)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="No space left on device"):
+        merging.merge_checkpoints(base, fts, out, method, progress=False, max_shard_size="4KB")
+    assert calls == ["safetensors-writer"] * 3  # written in the background; stopped at the failure
+    assert no_output(out)
+    assert not merge_threads()
+
+
+def test_prefetcher_stays_within_depth():
+    """The read-ahead thread fetches each item once, in order, at most `depth` items ahead of the
+    consumer; a failing fetch is only a hint; leaving the block ends the thread."""
+    from merging.engine import Prefetcher
+    seen = []
+
+    def fetch(j):
+        seen.append((j, ahead._pos))
+        if j == 3:
+            raise OSError("gone")
+
+    with Prefetcher(fetch, list(range(12)), depth=2) as ahead:
+        for i in range(12):
+            ahead.at(i)
+            time.sleep(0.002)
+    order = [j for j, _ in seen]
+    assert order == sorted(set(order)) and order[-1] == 11 and 3 in order
+    assert all(j <= pos + 2 for j, pos in seen)
+    assert not merge_threads()
 
 
 @pytest.mark.parametrize("n,k", [(1, 1), (1000, 1), (1000, 437), (1000, 1000), (70000, 35000)])
