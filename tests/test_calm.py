@@ -99,6 +99,24 @@ def test_cross_attention_matches_numpy_reference():
     np.testing.assert_allclose(got[r], f @ p["anchor"]["lm_head"], atol=2e-4, rtol=1e-4)
 
 
+def test_connection_into_the_embedding_output():
+  # Anchor layer 0: the update lands on the embeddings, and all four anchor layers run on it.
+  m = composed(augment_layers=[[3]], anchor_layers=[[0]])
+  toks = tokens(2, 9, seed=4)
+  p = jax.tree.map(np.asarray, m.params())
+  _, ha = dec.forward(AUG, m.params()["augments"][0], toks, return_hidden=True)
+  h0 = np.asarray(dec.embed(m.params()["anchor"], toks), np.float64)
+  h0 = h0 + np.stack([numpy_cross(h0[r], np.asarray(ha["hidden"][3][r], np.float64), p["compose"][0], 0,
+                                  ANCHOR.num_heads) for r in range(2)])
+  positions = jnp.broadcast_to(jnp.arange(9), (2, 9))
+  h, _, _ = dec.run_layers(ANCHOR, m.params()["anchor"]["layers"], jnp.asarray(h0, jnp.float32),
+                           positions=positions, kv_valid=jnp.ones((2, 9), bool), cache=None, layer_ids=np.arange(4))
+  want = np.asarray(dec.unembed(ANCHOR, m.params()["anchor"], h))
+  np.testing.assert_allclose(np.asarray(m(toks)), want, atol=2e-4, rtol=1e-4)
+  prompts = [[1, 5, 9, 12], [1, 22, 7]]
+  assert generate(m.spec, m.params(), prompts, max_new_tokens=5, eos_token_id=[]) == reference_greedy(m, prompts, 5)
+
+
 def test_no_leakage_from_future_augmenting_positions():
   m = composed()
   toks = tokens(2, 12, seed=2)
@@ -215,8 +233,8 @@ def test_bad_input():
     Composed(anchor, [aug], augment_layers=[[4, 8]], anchor_layers=[[2]])
   with pytest.raises(CompositionError, match=r"augmenting layers \[9\] out of range 1..8"):
     Composed(anchor, [aug], augment_layers=[[9]], anchor_layers=[[2]])
-  with pytest.raises(CompositionError, match=r"anchor layers \[0\] out of range 1..4"):
-    Composed(anchor, [aug], augment_layers=[[4]], anchor_layers=[[0]])
+  with pytest.raises(CompositionError, match=r"anchor layers \[5\] out of range 0..4"):
+    Composed(anchor, [aug], augment_layers=[[4]], anchor_layers=[[5]])
   with pytest.raises(CompositionError, match="1 augmenting models but 2 augment_layers lists"):
     Composed(anchor, [aug], augment_layers=[[4], [8]])
   with pytest.raises(CompositionError, match="num_heads 3 must divide"):

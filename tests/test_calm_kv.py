@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from calm_jax.calm.kv_tasks import KeyValueTable, kv_registry
+from calm_jax.tokenizers import CharTokenizer
 
 
 def test_table_keys_values_and_split():
@@ -19,30 +20,59 @@ def test_table_keys_values_and_split():
     KeyValueTable(50, 3, 1.0)
   with pytest.raises(ValueError, match="n_keys"):
     KeyValueTable(800, 2)
+  with pytest.raises(ValueError, match="unknown format"):
+    KeyValueTable(50, 3, fmt="tokens")
 
 
+def _python_expression(table, text):
+  """A prompt's expression (without its last character) as Python source: keys -> their values,
+  `#017` -> 17; parsed with the table's own key spellings, not with the task code."""
+  spelled = {table.key_text(k): str(table.values[k]) for k in table.keys}
+  out, keys, i = [], [], 0
+  while i < len(text):
+    if text[i] in "+-*":
+      out.append(text[i])
+      i += 1
+      continue
+    j = i
+    while j < len(text) and text[j] not in "+-*":
+      j += 1
+    operand = text[i:j]
+    if operand in spelled:
+      keys.append(next(k for k in table.keys if table.key_text(k) == operand))
+      out.append(spelled[operand])
+    else:
+      out.append(str(int(operand.lstrip("#"))))
+    i = j
+  return "".join(out), keys
+
+
+@pytest.mark.parametrize("fmt", ["fields", "chars"])
 @pytest.mark.parametrize("operands,ops", [(2, "+"), (3, "+-*")])
-def test_tasks_agree_with_python_arithmetic(operands, ops):
-  t = KeyValueTable(30, 3, 0.2, seed=1)
+def test_tasks_agree_with_python_arithmetic(operands, ops, fmt):
+  t = KeyValueTable(30, 3, 0.2, seed=1, fmt=fmt)
   reg = kv_registry(t, operands, ops)
+  tok = t.tokenizer()
   rng = np.random.default_rng(0)
   for _ in range(50):
     ex = reg["held_out"]["kv_arithmetic"].sample(rng)
-    expr = ex.prompt[:-1]
-    keys = [k for k in expr.replace("-", "+").replace("*", "+").split("+")]
-    assert all(k in t.held_out for k in keys)
-    numeric = expr
-    for k in keys:
-      numeric = numeric.replace(k, str(t.values[k]))
+    assert ex.prompt.endswith("=")
+    numeric, keys = _python_expression(t, ex.prompt[:-1])
+    assert len(keys) == operands and all(k in t.held_out for k in keys)
     assert int(ex.answer) == eval(numeric)  # Python's own precedence is the reference
     sub = reg["all"]["kv_substitution"].sample(rng)
     assert sub.prompt.endswith(">")
-    want = sub.prompt[:-1]
-    for k in set(want.replace("-", "+").replace("*", "+").split("+")):
-      want = want.replace(k, str(t.values[k]))
-    assert sub.answer == want
+    assert sub.answer == _python_expression(t, sub.prompt[:-1])[0]
     num = reg["all"]["numeric_arithmetic"].sample(rng)
-    assert int(num.answer) == eval(num.prompt[:-1])
+    numeric, keys = _python_expression(t, num.prompt[:-1])
+    assert not keys and int(num.answer) == eval(numeric)
+    for e in (ex, sub, num):
+      assert len(tok.encode(e.prompt)) <= reg["all"][e.task].max_prompt_chars
+      assert len(tok.encode(e.answer)) <= reg["all"][e.task].max_answer_chars
+  if fmt == "fields":  # one token per key, then blank slots; numbers as '#' and zero-padded digits
+    assert len(tok.encode(t.key_text(t.keys[0]))) == 3 == len(tok.encode(t.number_text(7)))
+    assert t.number_text(7) == "#07" and t.key_text(t.keys[0]).endswith("__")
+    assert tok.vocab_size == len(CharTokenizer().chars) + 30
   # a held-in expression set is finite and used whole
   assert reg["held_in"]["kv_arithmetic"].num_prompts == 6 ** operands * len(ops) ** (operands - 1)
 
@@ -74,3 +104,20 @@ def test_experiment_tiny_end_to_end(tmp_path, fast_compile):
   # only the composition trained: its size is the ComposeParam count of one connection
   e_a, e_b = config.m_a.model.hidden_size, config.m_b.model.hidden_size
   assert saved["trained_params"] == e_a + e_a * e_b + e_b + e_b + 4 * e_b * e_b
+
+
+def test_value_probe_reads_linear_digits_and_not_noise():
+  from calm_jax.calm.probe import ridge_digit_accuracy
+  rng = np.random.default_rng(0)
+  values = rng.permutation(200) + 1
+  digits = np.stack([values // 100, values // 10 % 10, values % 10], 1)
+  train = np.zeros(200, bool)
+  train[:100] = True
+  # states linear in the digits (a random embedding per place and digit, plus noise): decodable
+  emb = rng.standard_normal((3, 10, 48))
+  linear = sum(emb[p][digits[:, p]] for p in range(3)) + 0.1 * rng.standard_normal((200, 48))
+  assert ridge_digit_accuracy(linear, digits, train).min() >= 0.95
+  # states that identify each key but carry its value only through a random lookup: not decodable
+  lookup = rng.standard_normal((200, 48))
+  acc = ridge_digit_accuracy(lookup, digits, train)
+  assert acc[1:].max() <= 0.3  # tens and units near chance (0.1)

@@ -38,7 +38,8 @@ from calm_jax.variables import ComposeParam
 class CompositionSpec:
   """Static description of a composition (hashable: a static argument of jitted kernels).
 
-  connections[m]: ((augment layer, anchor layer), ...) of augmenting model m, 1-based.
+  connections[m]: ((augment layer, anchor layer), ...) of augmenting model m, 1-based (anchor
+  layer 0: the embedding output).
   aug_mode: "iterative" (paper: m_A reads every token, generated ones included) or "encoder"
   (the ablation: m_A reads only the prompt).
   """
@@ -223,6 +224,8 @@ def forward(spec: CompositionSpec, params, tokens, *, valid=None, positions=None
   at = {j: [(m, c) for m, conns in enumerate(spec.connections) for c, (_, jj) in enumerate(conns) if jj == j]
         for j in spec.boundaries()}
   h = dec.embed(params["anchor"], tokens)
+  for m, c in at.get(0, ()):  # connections into the embedding output
+    h = h + cross_attention(params["compose"][m], c, h, cross_k[m][c], cross_v[m][c], cross_mask, a.rms_norm_eps)
   new_anchor = []
   for n, (s, e) in enumerate(_segments(spec)):
     layers = jax.tree.map(lambda x: x[s:e], params["anchor"]["layers"])

@@ -3,7 +3,10 @@
 Layer numbers are 1-based residual-stream indices: layer i means the output of decoder layer
 i (`forward(..., return_hidden=True)["hidden"][i]`), i in 1..N. A connection (i, j) takes the
 augmenting model's layer-i states as keys/values and adds its cross-attention output to the
-anchor's layer-j output, which then feeds anchor layer j+1.
+anchor's layer-j output, which then feeds anchor layer j+1. Anchor layer 0 is the embedding
+output (before anchor layer 1): an extension for shallow anchors, whose first layer's attention
+already gathers what later layers compute with (the paper and the official code start at the first
+layer's output).
 """
 from __future__ import annotations
 
@@ -56,9 +59,10 @@ def resolve(anchor: DecoderConfig, augment: DecoderConfig, augment_layers: Seque
   bad = [i for i in aug if not 1 <= i <= augment.num_layers]
   if bad:
     raise CompositionError(f"{name}: augmenting layers {bad} out of range 1..{augment.num_layers}")
-  bad = [j for j in anc if not 1 <= j <= anchor.num_layers]
+  bad = [j for j in anc if not 0 <= j <= anchor.num_layers]
   if bad:
-    raise CompositionError(f"{name}: anchor layers {bad} out of range 1..{anchor.num_layers}")
+    raise CompositionError(f"{name}: anchor layers {bad} out of range 0..{anchor.num_layers} "
+                           "(0: the embedding output)")
   if len(set(anc)) != len(anc):
     raise CompositionError(f"{name}: anchor layers {list(anc)} repeat; one connection per anchor layer "
                            "and augmenting model")

@@ -22,11 +22,11 @@ from calm_jax import lora as lora_lib
 from calm_jax.calm.compose import Composed
 from calm_jax.calm.decoding import generate as calm_generate
 from calm_jax.calm.kv_tasks import KeyValueTable, kv_registry
+from calm_jax.calm.probe import value_digit_probe
 from calm_jax.experiment import bar_chart, build_decoder, print_table, write_results
 from calm_jax.pretrain import lm_batch_loss
 from calm_jax.registry import register_method
 from calm_jax.tasks import Mixture, evaluate, make_eval_set, max_seq_len
-from calm_jax.tokenizers import CharTokenizer
 from calm_jax.train import lm_loss, train
 
 TASKS = ("kv_substitution", "numeric_arithmetic", "kv_arithmetic")
@@ -73,15 +73,17 @@ def run(config, workdir) -> dict:
   t0 = time.time()
   workdir = Path(workdir)
   seed = int(config.seed)
-  tokenizer = CharTokenizer()
-  table = KeyValueTable(int(config.kv.n_keys), int(config.kv.key_len), float(config.kv.held_in_fraction), seed)
+  table = KeyValueTable(int(config.kv.n_keys), int(config.kv.key_len), float(config.kv.held_in_fraction), seed,
+                        fmt=str(config.kv.get("format", "tokens")))
+  tokenizer = table.tokenizer()
   registries = kv_registry(table, int(config.kv.operands), str(config.kv.ops))
   seq_len = max_seq_len(list(registries["all"].values()))
   ablation = str(config.get("ablation", "none"))
   if ablation not in ("none", "random_augment", "encoder", "lora"):
     raise ValueError(f"unknown ablation {ablation!r}: none, random_augment, encoder or lora")
-  print(f"{table.n_keys} keys, {len(table.held_in)} held in for CALM; e.g. "
-        f"{registries['all']['kv_substitution'].sample(np.random.default_rng(0)).prompt!r}")
+  examples = {name: registries["all"][name].sample(np.random.default_rng(0)) for name in TASKS}
+  print(f"{table.n_keys} keys, {len(table.held_in)} held in for CALM; format {table.fmt!r}, e.g. " +
+        ", ".join(f"{table.pretty(ex.prompt)} -> {ex.answer}" for ex in examples.values()))
 
   def fit(model, part, tasks, registry, loss_fn, init_offset):
     c = config[part]
@@ -93,6 +95,11 @@ def run(config, workdir) -> dict:
   m_a = build_decoder(config.m_a.model, tokenizer, seed * 1000 + 1)
   if ablation != "random_augment":
     m_a = fit(m_a, "m_a", {"kv_substitution": 1.0}, registries["all"], lm_batch_loss, 1)
+  # The ceiling of any composition: how well a linear map fitted on the held-in keys reads held-out values.
+  probe = value_digit_probe(m_a, tokenizer, table, seed=seed)
+  print("m_A value digits, linear probe fitted on held-in keys, held-out accuracy per digit place: "
+        f"{[round(a, 3) for a in probe['concat']]} (all layers and slots), best single "
+        f"{[round(a, 3) for a in probe['best_single']]}")
   m_b = build_decoder(config.m_b.model, tokenizer, seed * 1000 + 2)
   m_b = fit(m_b, "m_b", {"numeric_arithmetic": 1.0}, registries["all"], lm_batch_loss, 2)
 
@@ -121,7 +128,8 @@ def run(config, workdir) -> dict:
 
   seconds = time.time() - t0
   out = {**results, "seconds": seconds, "ablation": ablation, "trained_params": trained,
-         "n_keys": table.n_keys, "held_in_keys": len(table.held_in), "seed": seed,
+         "n_keys": table.n_keys, "held_in_keys": len(table.held_in), "seed": seed, "format": table.fmt,
+         "m_A_value_probe": probe,
          "params": {"m_A": _count(m_a), "m_B": _count(m_b)}, "paper": PAPER}
   if jax.process_index() == 0:
     write_results(workdir, out)

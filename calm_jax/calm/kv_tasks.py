@@ -1,10 +1,21 @@
 """The key-value data of CALM's Table 1 (paper §4.1), over a seeded key table.
 
-| task                | prompt       | answer  | who trains on it                         |
-| ------------------- | ------------ | ------- | ---------------------------------------- |
-| kv_substitution     | `qzf+abc>`   | `17+42` | m_A (all keys); CALM (held-in keys)      |
-| numeric_arithmetic  | `17+42=`     | `59`    | m_B (never sees a key)                   |
-| kv_arithmetic       | `qzf+abc=`   | `59`    | CALM (held-in keys); scored on held-out  |
+Two formats (`KeyValueTable(fmt=...)`):
+
+* `"fields"` (default): every key is one vocabulary token (the paper samples its keys from
+  PaLM2's vocabulary; printed `{qzf}`), and an operand is a fixed-width field: a head token then
+  one digit slot per digit of N. A number's head is `#` and its slots are its zero-padded digits;
+  a key's head is the key's token and its slots are blank (`_`). The anchor reads an operand's
+  digits at its slots, and at every slot a causal m_A has already seen the whole key, so the value
+  can be supplied exactly where the anchor reads it.
+* `"chars"`: keys are `key_len` letters, numbers are plain digits. Here the anchor reads operand
+  digits at positions where m_A has seen only a prefix of the key (docs/calm.md).
+
+| task                | prompt ("fields")     | prompt ("chars") | answer  | who trains on it                        |
+| ------------------- | --------------------- | ---------------- | ------- | --------------------------------------- |
+| kv_substitution     | `{qzf}___+{abc}___>`  | `qzf+abc>`       | `17+42` | m_A (all keys); CALM (held-in keys)     |
+| numeric_arithmetic  | `#017+#042=`          | `17+42=`         | `59`    | m_B (never sees a key)                  |
+| kv_arithmetic       | `{qzf}___+{abc}___=`  | `qzf+abc=`       | `59`    | CALM (held-in keys); scored on held-out |
 
 KV-arithmetic and numeric arithmetic share their format, so the anchor's arithmetic applies
 once the composition supplies the values; substitution ends in `>` so the two key tasks can
@@ -18,20 +29,33 @@ import string
 import numpy as np
 
 from calm_jax.tasks.base import Task
+from calm_jax.tokenizers import DEFAULT_CHARS, CharTokenizer
 
 LOWER = string.ascii_lowercase
 KEY_SETS = ("all", "held_in", "held_out")
 
 
+FORMATS = ("fields", "chars")
+# Single-token keys are characters of Unicode's private use area, so the tasks stay strings and
+# the tokenizer a `CharTokenizer` with these characters appended.
+_KEY_BASE, _MAX_KEYS = 0xE000, 0x1000
+
+
 class KeyValueTable:
   """`n_keys` distinct lowercase keys of `key_len` letters -> distinct values (a seeded
-  permutation of 1..n_keys), and a seeded held-in subset (`held_in_fraction` of the keys)."""
+  permutation of 1..n_keys), and a seeded held-in subset (`held_in_fraction` of the keys).
+  `fmt` says how keys and numbers are written in prompts (module docstring)."""
 
-  def __init__(self, n_keys: int = 100, key_len: int = 3, held_in_fraction: float = 0.2, seed: int = 0):
+  def __init__(self, n_keys: int = 100, key_len: int = 3, held_in_fraction: float = 0.2, seed: int = 0,
+               fmt: str = "fields"):
     if n_keys < 2 or key_len < 1 or n_keys > len(LOWER) ** key_len:
       raise ValueError(f"KeyValueTable: need 2 <= n_keys <= 26**key_len, got n_keys={n_keys}, key_len={key_len}")
     if not 0 < held_in_fraction < 1:
       raise ValueError(f"KeyValueTable: held_in_fraction must be in (0, 1), got {held_in_fraction}")
+    if fmt not in FORMATS:
+      raise ValueError(f"KeyValueTable: unknown format {fmt!r}; expected one of {FORMATS}")
+    if fmt == "fields" and n_keys > _MAX_KEYS:
+      raise ValueError(f"KeyValueTable: the 'fields' format holds at most {_MAX_KEYS} keys, got {n_keys}")
     rng = np.random.default_rng([seed, 0x4B56])
     keys: set[str] = set()
     while len(keys) < n_keys:
@@ -42,7 +66,36 @@ class KeyValueTable:
     held = set(rng.permutation(n_keys)[:n_in].tolist())
     self.held_in = tuple(k for i, k in enumerate(self.keys) if i in held)
     self.held_out = tuple(k for i, k in enumerate(self.keys) if i not in held)
-    self.n_keys, self.key_len, self.seed = n_keys, key_len, seed
+    self.n_keys, self.key_len, self.seed, self.fmt = n_keys, key_len, seed, fmt
+    self._key_index = {k: i for i, k in enumerate(self.keys)}
+
+  @property
+  def width(self) -> int:
+    """Digits of the largest value (the digit slots of a "fields" operand)."""
+    return len(str(self.n_keys))
+
+  def key_text(self, key: str) -> str:
+    """How `key` is written in a prompt: its token and blank digit slots ("fields"), or its letters."""
+    if self.fmt == "chars":
+      return key
+    return chr(_KEY_BASE + self._key_index[key]) + "_" * self.width
+
+  def number_text(self, value: int) -> str:
+    """How an operand is written in a prompt: `#` and its zero-padded digit slots ("fields"), or its digits."""
+    if self.fmt == "fields" and 0 <= value < 10 ** self.width:
+      return "#" + str(value).zfill(self.width)
+    return str(value)
+
+  def tokenizer(self) -> CharTokenizer:
+    """The tokenizer both models share: the character vocabulary, plus one token per key ("fields")."""
+    if self.fmt == "chars":
+      return CharTokenizer()
+    return CharTokenizer(DEFAULT_CHARS + tuple(chr(_KEY_BASE + i) for i in range(self.n_keys)))
+
+  def pretty(self, text: str) -> str:
+    """`text` with key tokens shown as `{qzf}`."""
+    return "".join("{" + self.keys[ord(c) - _KEY_BASE] + "}" if _KEY_BASE <= ord(c) < _KEY_BASE + self.n_keys
+                   else c for c in text)
 
   def subset(self, which: str) -> tuple[str, ...]:
     if which not in KEY_SETS:
@@ -77,7 +130,7 @@ class _Expression(Task):
     self.memorization = keys != "all"
     if self.memorization:
       self.num_prompts = len(self.pool) ** operands * len(ops) ** (operands - 1)
-    width = max(table.key_len, len(str(table.n_keys)))
+    width = 1 + table.width if table.fmt == "fields" else max(table.key_len, table.width)
     self.max_prompt_chars = operands * width + operands
     top = table.n_keys ** operands if "*" in ops else operands * table.n_keys
     self.max_answer_chars = max(len(str(top)) + 1, operands * len(str(table.n_keys)) + operands - 1)
@@ -98,7 +151,8 @@ class KVSubstitution(_Expression):
 
   def generate(self, rng):
     names, ops = self.draw(rng)
-    return self.join(names, ops) + ">", self.join([self.table.values[k] for k in names], ops)
+    keys = [self.table.key_text(k) for k in names]
+    return self.join(keys, ops) + ">", self.join([self.table.values[k] for k in names], ops)
 
 
 class KVArithmetic(_Expression):
@@ -107,7 +161,8 @@ class KVArithmetic(_Expression):
 
   def generate(self, rng):
     names, ops = self.draw(rng)
-    return self.join(names, ops) + "=", str(_evaluate([self.table.values[k] for k in names], ops))
+    keys = [self.table.key_text(k) for k in names]
+    return self.join(keys, ops) + "=", str(_evaluate([self.table.values[k] for k in names], ops))
 
 
 class NumericArithmetic(_Expression):
@@ -120,7 +175,7 @@ class NumericArithmetic(_Expression):
   def generate(self, rng):
     _, ops = self.draw(rng)
     values = [int(v) for v in rng.integers(1, self.table.n_keys + 1, self.operands)]
-    return self.join(values, ops) + "=", str(_evaluate(values, ops))
+    return self.join([self.table.number_text(v) for v in values], ops) + "=", str(_evaluate(values, ops))
 
 
 def kv_registry(table: KeyValueTable, operands: int = 2, ops: str = "+") -> dict[str, dict[str, Task]]:

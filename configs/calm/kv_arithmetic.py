@@ -41,12 +41,15 @@ def get_config(arg=None):
   c.method = "calm_kv_arithmetic"
   c.seed = 0
   c.ablation = arg.ablation
-  # N keys (3 letters) -> the distinct values 1..N; CALM trains on expressions over 20% of them.
-  c.kv = ml_collections.ConfigDict(dict(n_keys=200, key_len=3, held_in_fraction=0.2, operands=2, ops="+"))
+  # N keys -> the distinct values 1..N; CALM trains on expressions over 20% of them. Format "fields":
+  # an operand is a head token (a key's own token, or `#` for a number) then digit slots (blank after a
+  # key); "tokens": one token per key and per number; "chars": letters and digits (kv_tasks.py).
+  c.kv = ml_collections.ConfigDict(dict(n_keys=200, key_len=3, held_in_fraction=0.2, operands=2, ops="+",
+                                        format="fields"))
   # m_A small (KV-substitution), m_B larger (numeric arithmetic), as PaLM2-XXS / -XS in the paper.
   c.m_a = _part(2500, 64, 3e-3, _model(64, 4, 4, 2))
   c.m_a.method = "calm_kv_arithmetic/m_a"
-  c.m_b = _part(2500, 64, 3e-3, _model(128, 4, 4, 2))
+  c.m_b = _part(5000, 64, 3e-3, _model(128, 4, 4, 2))  # its arithmetic "clicks" at ~3000 steps
   c.m_b.method = "calm_kv_arithmetic/m_b"
   c.calm = _part(2500, 64, 3e-3)
   c.calm.method = "calm_kv_arithmetic/calm"
@@ -57,7 +60,7 @@ def get_config(arg=None):
                                                       "numeric_arithmetic": 0.25}))
   # Connections (1-based layer outputs); [] = every 4th m_A layer -> evenly spaced anchor layers from 1.
   # Here every m_A layer feeds the anchor layer of the same depth (both have 4).
-  c.calm.compose = ml_collections.ConfigDict(dict(augment_layers=[1, 2, 3, 4], anchor_layers=[1, 2, 3, 4],
+  c.calm.compose = ml_collections.ConfigDict(dict(augment_layers=(1, 2, 3, 4), anchor_layers=(1, 2, 3, 4),
                                                   num_heads=0))
   c.lora = ml_collections.ConfigDict(dict(targets="layers/(q|k|v|o|gate|up|down)"))
   c.eval = ml_collections.ConfigDict(dict(n_per_task=500, batch_size=256))
@@ -71,7 +74,7 @@ def get_config(arg=None):
                        num_key_value_heads=1)
     c.m_b.model.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2)
-    c.calm.compose.augment_layers = [2]
-    c.calm.compose.anchor_layers = [1]
+    c.calm.compose.augment_layers = (2,)
+    c.calm.compose.anchor_layers = (1,)
     c.eval.update(n_per_task=16, batch_size=64)
   return c
