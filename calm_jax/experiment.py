@@ -8,12 +8,10 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from calm_jax.atomic import atomic_write_text
 from calm_jax.models import Decoder, DecoderConfig, init_params, nest, param_specs
 from calm_jax.tasks import evaluate, make_eval_set
-from calm_jax.tokenizers import CharTokenizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
