@@ -223,9 +223,14 @@ def forward(spec: CompositionSpec, params, tokens, *, valid=None, positions=None
   # The anchor: contiguous segments of its stack, cross-attention added after connected layers.
   at = {j: [(m, c) for m, conns in enumerate(spec.connections) for c, (_, jj) in enumerate(conns) if jj == j]
         for j in spec.boundaries()}
-  h = dec.embed(params["anchor"], tokens)
-  for m, c in at.get(0, ()):  # connections into the embedding output
-    h = h + cross_attention(params["compose"][m], c, h, cross_k[m][c], cross_v[m][c], cross_mask, a.rms_norm_eps)
+
+  def compose_at(j, h):
+    """h plus the updates of every connection into anchor layer j (each from the same state h)."""
+    updates = [cross_attention(params["compose"][m], c, h, cross_k[m][c], cross_v[m][c], cross_mask, a.rms_norm_eps)
+               for m, c in at.get(j, ())]
+    return h + sum(updates[1:], updates[0]) if updates else h
+
+  h = compose_at(0, dec.embed(params["anchor"], tokens))  # anchor layer 0: the embedding output
   new_anchor = []
   for n, (s, e) in enumerate(_segments(spec)):
     layers = jax.tree.map(lambda x: x[s:e], params["anchor"]["layers"])
@@ -233,8 +238,7 @@ def forward(spec: CompositionSpec, params, tokens, *, valid=None, positions=None
     h, kv, _ = dec.run_layers(a, layers, h, positions=positions, kv_valid=kv_valid, cache=seg_cache,
                               layer_ids=np.arange(s, e))
     new_anchor.append(kv)
-    for m, c in at.get(e, ()):
-      h = h + cross_attention(params["compose"][m], c, h, cross_k[m][c], cross_v[m][c], cross_mask, a.rms_norm_eps)
+    h = compose_at(e, h)
   logits = dec.unembed(a, params["anchor"], h)
   if cache is None:
     return logits, None
