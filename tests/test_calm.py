@@ -65,7 +65,19 @@ def test_init_equals_anchor_exactly():
   assert float(jnp.max(jnp.abs(live(toks, valid) - want))) > 1e-2
 
 
-def numpy_cross(h, s, cp, c, heads, eps=1e-6):
+def numpy_rotate(x, theta=10000.0):
+  """Rotary of x [T, H, D] at positions 0..T-1, rotate-half convention, written out pairwise."""
+  t, _, d = x.shape
+  out = np.empty_like(x)
+  for i in range(d // 2):
+    ang = np.arange(t)[:, None] * theta ** (-2 * i / d)
+    a, b = x[..., i], x[..., i + d // 2]
+    out[..., i] = a * np.cos(ang) - b * np.sin(ang)
+    out[..., i + d // 2] = b * np.cos(ang) + a * np.sin(ang)
+  return out
+
+
+def numpy_cross(h, s, cp, c, heads, eps=1e-6, rope=False):
   """Reference f_cross(f_proj(s), h) for one row, with the causal loop written out."""
   def norm(x, w):
     return w * x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps)
@@ -75,26 +87,37 @@ def numpy_cross(h, s, cp, c, heads, eps=1e-6):
   q = np.einsum("te,ehd->thd", x, cp["q"][c])
   k = np.einsum("te,ehd->thd", kv_in, cp["k"][c])
   v = np.einsum("te,ehd->thd", kv_in, cp["v"][c])
+  if rope:
+    q, k = numpy_rotate(q), numpy_rotate(k)
   out = np.zeros((t, heads, q.shape[-1]))
-  for i in range(t):  # query i reads keys 0..i
+  null = cp.get("null_k")
+  for i in range(t):  # query i reads keys 0..i (and the null slot, value 0, when there is one)
     sc = np.einsum("hd,shd->hs", q[i], k[:i + 1]) / np.sqrt(q.shape[-1])
+    if null is not None:
+      sc = np.concatenate([np.einsum("hd,hd->h", q[i], null[c])[:, None] / np.sqrt(q.shape[-1]), sc], 1)
     p = np.exp(sc - sc.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
-    out[i] = np.einsum("hs,shd->hd", p, v[:i + 1])
+    out[i] = np.einsum("hs,shd->hd", p[:, -(i + 1):], v[:i + 1])
   return np.einsum("thd,hde->te", out, cp["o"][c])
 
 
-def test_cross_attention_matches_numpy_reference():
+@pytest.mark.parametrize("rope,null", [(False, False), (True, False), (True, True)])
+def test_cross_attention_matches_numpy_reference(rope, null):
   # One connection after the anchor's last layer: composed logits = unembed(H_B,L + f_cross).
-  m = composed(augment_layers=[[5]], anchor_layers=[[4]])
+  m = composed(augment_layers=[[5]], anchor_layers=[[4]], cross_rope=rope, cross_null=null)
   toks = tokens(2, 9, seed=1)
-  p = jax.tree.map(np.asarray, m.params())
+  params = m.params()
+  if null:  # a live null key (it starts at zero)
+    params["compose"] = ({**params["compose"][0], "null_k": jnp.asarray(
+        np.random.default_rng(5).standard_normal(params["compose"][0]["null_k"].shape), jnp.float32)},)
+  p = jax.tree.map(np.asarray, params)
   _, ha = dec.forward(AUG, m.params()["augments"][0], toks, return_hidden=True)
   _, hb = dec.forward(ANCHOR, m.params()["anchor"], toks, return_hidden=True)
-  got = np.asarray(forward(m.spec, m.params(), toks)[0])
+  got = np.asarray(forward(m.spec, params, toks)[0])
   for r in range(2):
     hr = np.asarray(hb["hidden"][4][r], np.float64)
-    h = hr + numpy_cross(hr, np.asarray(ha["hidden"][5][r], np.float64), p["compose"][0], 0, ANCHOR.num_heads)
+    h = hr + numpy_cross(hr, np.asarray(ha["hidden"][5][r], np.float64), p["compose"][0], 0, ANCHOR.num_heads,
+                         rope=rope)
     f = p["anchor"]["final_norm"] * h / np.sqrt(np.mean(h * h, -1, keepdims=True) + 1e-6)
     np.testing.assert_allclose(got[r], f @ p["anchor"]["lm_head"], atol=2e-4, rtol=1e-4)
 
@@ -158,9 +181,12 @@ def reference_greedy(m, prompts, n, aug_mode="iterative", width=16):
   return out
 
 
-@pytest.mark.parametrize("augs,aug_mode", [((AUG,), "iterative"), ((AUG, AUG2), "iterative"), ((AUG,), "encoder")])
-def test_iterative_decoding_matches_teacher_forced_argmax(augs, aug_mode):
-  m = composed(augs=augs, aug_mode=aug_mode)
+@pytest.mark.parametrize("augs,aug_mode,rope", [((AUG,), "iterative", False), ((AUG, AUG2), "iterative", False),
+                                               ((AUG,), "encoder", False), ((AUG,), "iterative", True)])
+def test_iterative_decoding_matches_teacher_forced_argmax(augs, aug_mode, rope):
+  # With cross_rope the cached keys are rotated at their (left-padded) positions; the null slot is
+  # visible from the first step.
+  m = composed(augs=augs, aug_mode=aug_mode, cross_rope=rope, cross_null=rope)
   prompts = [[1, 5, 9, 12, 30, 7], [1, 22], [1, 3, 3, 17]]
   got = generate(m.spec, m.params(), prompts, max_new_tokens=7, eos_token_id=[])
   want = reference_greedy(m, prompts, 7, aug_mode)

@@ -102,8 +102,10 @@ def test_experiment_tiny_end_to_end(tmp_path, fast_compile):
   assert saved["seconds"] > 0 and saved["calm"] == out["calm"]
   assert saved["held_in_keys"] == 4 and saved["n_keys"] == 20
   # only the composition trained: its size is the ComposeParam count of one connection
+  # (norms, projection + bias, Q K V O, and the null slot's key: heads x head_dim = e_b)
   e_a, e_b = config.m_a.model.hidden_size, config.m_b.model.hidden_size
-  assert saved["trained_params"] == e_a + e_a * e_b + e_b + e_b + 4 * e_b * e_b
+  assert config.calm.compose.cross_null
+  assert saved["trained_params"] == e_a + e_a * e_b + e_b + e_b + 4 * e_b * e_b + e_b
 
 
 def test_value_probe_reads_linear_digits_and_not_noise():
@@ -121,3 +123,32 @@ def test_value_probe_reads_linear_digits_and_not_noise():
   lookup = rng.standard_normal((200, 48))
   acc = ridge_digit_accuracy(lookup, digits, train)
   assert acc[1:].max() <= 0.3  # tens and units near chance (0.1)
+
+
+def test_slot_targets_ask_each_slot_for_its_digit():
+  # m_A's slot supervision: the k-th blank after a key -> the key's k-th (zero-padded) value digit;
+  # with numbers=True a number's slots -> the digit written there; nothing anywhere else.
+  t = KeyValueTable(200, 3, 0.2, seed=1)
+  tok = t.tokenizer()
+  k1, k2 = t.keys[3], t.keys[150]
+  text = t.key_text(k1) + "+#047+" + t.key_text(k2) + "="
+  ids = np.asarray([tok.encode(text), tok.encode("#305+" + t.key_text(k1) + "+#621=")])
+  for numbers in (False, True):
+    targets, mask = t.slot_targets(tok, ids, numbers=numbers)
+    for row in range(2):
+      chars = [tok.decode([int(i)]) for i in ids[row]]
+      want = {}
+      for pos, c in enumerate(chars):
+        if len(c) == 1 and ord(c) >= 0xE000:  # a key token: its three slots follow
+          key = t.keys[ord(c) - 0xE000]
+          for j, digit in enumerate(f"{t.values[key]:03d}"):
+            want[pos + 1 + j] = digit
+        if c == "#" and numbers:
+          for j in range(1, 4):
+            want[pos + j] = chars[pos + j]
+      got = {pos: tok.decode([int(targets[row, pos])]) for pos in np.flatnonzero(mask[row])}
+      assert got == want
+      assert np.all(targets[row][mask[row] == 0] == -1)
+  assert t.values[k1] != t.values[k2]
+  with pytest.raises(ValueError, match="fields"):
+    KeyValueTable(20, 3, fmt="chars").slot_targets(CharTokenizer(), ids)

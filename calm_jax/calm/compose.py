@@ -11,6 +11,14 @@ with a causal cross mask (anchor position t reads m_A positions <= t, padding ma
 teacher-forced pass equals the paper's iterative decoding where every generated token is fed
 to both models. W_O starts at zero: at init the composed model is the anchor, exactly.
 
+`cross_rope` (an extension; off by default, as in the paper) rotates Q and K by their positions
+(rotary, the anchor's theta), so a connection can address m_A's states by offset: "the same
+position" is one learnable pattern instead of a content match the anchor's states must support.
+`cross_null` (an extension; off by default) adds one learned key per head whose value is zero
+(`add_zero_attn` with a learned key): a query can attend to it and take nothing, so positions that
+should read nothing from m_A (an operand the anchor already understands) need no m_A state that
+projects to zero.
+
 Parameters are one pure pytree `{"anchor", "augments": (..), "compose": (..)}`; per augmenting
 model the connection parameters are stacked on a leading axis. The anchor runs as contiguous
 segments of its layer stack (`run_layers`) with the cross-attentions between them; the
@@ -30,7 +38,7 @@ from flax import nnx
 from calm_jax.calm.connections import CompositionError, resolve
 from calm_jax.models import decoder as dec
 from calm_jax.models.config import DecoderConfig
-from calm_jax.models.layers import attention_mask, gqa_attention, rms_norm
+from calm_jax.models.layers import apply_rope, attention_mask, gqa_attention, rms_norm
 from calm_jax.variables import ComposeParam
 
 
@@ -49,10 +57,13 @@ class CompositionSpec:
   num_heads: int
   head_dim: int
   aug_mode: str = "iterative"
+  cross_rope: bool = False
+  cross_null: bool = False
 
   @classmethod
   def make(cls, anchor: DecoderConfig, augments: Sequence[DecoderConfig], *, augment_layers=None,
-           anchor_layers=None, num_heads: int | None = None, aug_mode: str = "iterative") -> "CompositionSpec":
+           anchor_layers=None, num_heads: int | None = None, aug_mode: str = "iterative",
+           cross_rope: bool = False, cross_null: bool = False) -> "CompositionSpec":
     """augment_layers / anchor_layers: one list per augmenting model (None = the defaults)."""
     augments = tuple(augments)
     if not augments:
@@ -69,7 +80,10 @@ class CompositionSpec:
       raise CompositionError(f"num_heads {heads} must divide the anchor width {anchor.hidden_size}")
     if aug_mode not in ("iterative", "encoder"):
       raise CompositionError(f"aug_mode must be 'iterative' or 'encoder', got {aug_mode!r}")
-    return cls(anchor, augments, conns, heads, anchor.hidden_size // heads, aug_mode)
+    head_dim = anchor.hidden_size // heads
+    if cross_rope and head_dim % 2:
+      raise CompositionError(f"cross_rope needs an even cross-attention head size, got {head_dim}")
+    return cls(anchor, augments, conns, heads, head_dim, aug_mode, bool(cross_rope), bool(cross_null))
 
   def boundaries(self) -> tuple[int, ...]:
     """Anchor layers after which some cross-attention is added, sorted."""
@@ -93,6 +107,8 @@ def compose_param_specs(spec: CompositionSpec) -> list[dict[str, dec.ParamSpec]]
         "v": P((c, eb, h, d), ("layers", "embed", "heads", "head_dim"), "fan_in"),
         "o": P((c, h, d, eb), ("layers", "heads", "head_dim", "embed"), "zeros"),
     })
+    if spec.cross_null:
+      out[-1]["null_k"] = P((c, h, d), ("layers", "heads", "head_dim"), "zeros")
   return out
 
 
@@ -113,19 +129,39 @@ def init_compose_params(spec: CompositionSpec, seed: int = 0, dtype=jnp.float32,
   return tuple(out)
 
 
-def project_kv(cp, states, eps):
-  """Projected m_A states -> cross-attention keys/values [C, B, T, H, D] (f_proj, then W_K, W_V)."""
+def cross_rope_tables(spec: CompositionSpec, positions):
+  """cos/sin [B, T, D] of the cross-attention's rotary (`cross_rope`), or None when it is off."""
+  if not spec.cross_rope:
+    return None
+  d = spec.head_dim
+  inv = 1.0 / (spec.anchor.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv, jnp.float32)
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def project_kv(cp, states, eps, rope=None):
+  """Projected m_A states -> cross-attention keys/values [C, B, T, H, D] (f_proj, then W_K, W_V;
+  keys rotated by `rope` = (cos, sin) when given)."""
   x = jax.vmap(lambda s, w: rms_norm(s, w, eps))(states, cp["aug_norm"])
   x = jnp.einsum("cbte,cef->cbtf", x, cp["proj"].astype(x.dtype)) + cp["proj_bias"][:, None, None]
   k = jnp.einsum("cbtf,cfhd->cbthd", x, cp["k"].astype(x.dtype))
   v = jnp.einsum("cbtf,cfhd->cbthd", x, cp["v"].astype(x.dtype))
+  if rope is not None:
+    k = jax.vmap(lambda kc: apply_rope(kc, *rope))(k)
   return k, v
 
 
-def cross_attention(cp, c: int, h, k, v, mask, eps):
+def cross_attention(cp, c: int, h, k, v, mask, eps, rope=None):
   """Connection c of one augmenting model: the update added to the anchor stream h [B, T, E]."""
   x = rms_norm(h, cp["q_norm"][c], eps)
   q = jnp.einsum("bte,ehd->bthd", x, cp["q"][c].astype(x.dtype))
+  if rope is not None:
+    q = apply_rope(q, *rope)
+  if "null_k" in cp:  # the null slot: a learned key, a zero value, always visible
+    null = jnp.broadcast_to(cp["null_k"][c].astype(k.dtype), (k.shape[0], 1) + k.shape[2:])
+    k, v = jnp.concatenate([null, k], 1), jnp.concatenate([jnp.zeros_like(null, v.dtype), v], 1)
+    mask = jnp.concatenate([jnp.ones(mask.shape[:2] + (1,), bool), mask], -1)
   a = gqa_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
   return jnp.einsum("bthd,hde->bte", a, cp["o"][c].astype(a.dtype)).astype(h.dtype)
 
@@ -190,13 +226,14 @@ def forward(spec: CompositionSpec, params, tokens, *, valid=None, positions=None
   if positions is None:
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
   index = jnp.zeros((), jnp.int32) if cache is None else cache.index
+  rope = cross_rope_tables(spec, positions)
 
   # Keys/values of every connection: fresh, or written into the cache and read back from it.
   cross_k, cross_v, aug_caches = [], [], [None] * len(spec.augments)
   if cache is None:
     states, _ = augment_states(spec, params, tokens, positions=positions, valid=valid)
     for m, s in enumerate(states):
-      k, v = project_kv(params["compose"][m], s, a.rms_norm_eps)
+      k, v = project_kv(params["compose"][m], s, a.rms_norm_eps, rope)
       cross_k.append(k)
       cross_v.append(v)
     cross_valid = aug_valid
@@ -208,7 +245,7 @@ def forward(spec: CompositionSpec, params, tokens, *, valid=None, positions=None
     for m in range(len(spec.augments)):
       k, v = cache.cross_k[m], cache.cross_v[m]
       if run_augments:
-        kn, vn = project_kv(params["compose"][m], states[m], a.rms_norm_eps)
+        kn, vn = project_kv(params["compose"][m], states[m], a.rms_norm_eps, rope)
         k = jax.lax.dynamic_update_slice(k, kn.astype(k.dtype), (0, 0, index, 0, 0))
         v = jax.lax.dynamic_update_slice(v, vn.astype(v.dtype), (0, 0, index, 0, 0))
       cross_k.append(k)
@@ -226,8 +263,8 @@ def forward(spec: CompositionSpec, params, tokens, *, valid=None, positions=None
 
   def compose_at(j, h):
     """h plus the updates of every connection into anchor layer j (each from the same state h)."""
-    updates = [cross_attention(params["compose"][m], c, h, cross_k[m][c], cross_v[m][c], cross_mask, a.rms_norm_eps)
-               for m, c in at.get(j, ())]
+    updates = [cross_attention(params["compose"][m], c, h, cross_k[m][c], cross_v[m][c], cross_mask, a.rms_norm_eps,
+                               rope) for m, c in at.get(j, ())]
     return h + sum(updates[1:], updates[0]) if updates else h
 
   h = compose_at(0, dec.embed(params["anchor"], tokens))  # anchor layer 0: the embedding output
@@ -267,9 +304,10 @@ class Composed(nnx.Module):
 
   def __init__(self, anchor: dec.Decoder, augments: Sequence[dec.Decoder], *, augment_layers=None,
                anchor_layers=None, num_heads: int | None = None, aug_mode: str = "iterative", seed: int = 0,
-               compose_params=None, zero_output: bool = True):
+               compose_params=None, zero_output: bool = True, cross_rope: bool = False, cross_null: bool = False):
     self.spec = CompositionSpec.make(anchor.config, [m.config for m in augments], augment_layers=augment_layers,
-                                     anchor_layers=anchor_layers, num_heads=num_heads, aug_mode=aug_mode)
+                                     anchor_layers=anchor_layers, num_heads=num_heads, aug_mode=aug_mode,
+                                     cross_rope=cross_rope, cross_null=cross_null)
     self.anchor = anchor
     self.num_augments = len(augments)
     for m, model in enumerate(augments):

@@ -63,6 +63,22 @@ def _score(generate_fn, tokenizer, examples, registries, batch_size) -> dict[str
   return {name: acc[name] for name in TASKS}
 
 
+def _with_slot_targets(batch_fn, table, tokenizer, domains):
+  """m_A's batches with the operand slots supervised too (`KeyValueTable.slot_targets`). Numeric
+  prompts (if the mixture has them) train only their slots, never their answers: m_A learns what
+  each operand's digits are, not arithmetic."""
+  numeric = domains.index("numeric_arithmetic") if "numeric_arithmetic" in domains else -1
+
+  def fn(step):
+    batch = batch_fn(step)
+    batch["loss_mask"] = np.where((batch["domain"] == numeric)[:, None], 0.0, batch["loss_mask"]).astype(np.float32)
+    targets, mask = table.slot_targets(tokenizer, batch["inputs"], numbers=numeric >= 0)
+    batch["targets"] = np.where(mask > 0, targets, batch["targets"]).astype(batch["targets"].dtype)
+    batch["loss_mask"] = np.maximum(batch["loss_mask"], mask)
+    return batch
+  return fn
+
+
 def _decoder_generate(model):
   from calm_jax.decoding import generate
   return lambda prompts, n: generate(model, prompts, max_new_tokens=n)
@@ -88,13 +104,15 @@ def run(config, workdir) -> dict:
   def fit(model, part, tasks, registry, loss_fn, init_offset):
     c = config[part]
     batch_fn = _batches(dict(tasks), registry, seed + init_offset, int(c.batch_size), tokenizer, seq_len)
+    if c.get("slot_fill", False):
+      batch_fn = _with_slot_targets(batch_fn, table, tokenizer, sorted(tasks))
     return train(model, loss_fn=loss_fn, batch_fn=batch_fn, config=c, workdir=workdir / part,
                  meta={"part": part, "seed": seed}).model
 
   # 1. The two frozen bases, trained from scratch on their own tasks.
   m_a = build_decoder(config.m_a.model, tokenizer, seed * 1000 + 1)
   if ablation != "random_augment":
-    m_a = fit(m_a, "m_a", {"kv_substitution": 1.0}, registries["all"], lm_batch_loss, 1)
+    m_a = fit(m_a, "m_a", dict(config.m_a.get("data", {"kv_substitution": 1.0})), registries["all"], lm_batch_loss, 1)
   # The ceiling of any composition: how well a linear map fitted on the held-in keys reads held-out values.
   probe = value_digit_probe(m_a, tokenizer, table, seed=seed)
   print("m_A value digits, linear probe fitted on held-in keys, held-out accuracy per digit place: "
@@ -152,7 +170,8 @@ def _compose_kwargs(config) -> dict:
   layers = lambda x: None if x is None or len(x) == 0 else [list(x)]
   return dict(augment_layers=layers(c.get("augment_layers")), anchor_layers=layers(c.get("anchor_layers")),
               num_heads=c.get("num_heads") or None, aug_mode="encoder" if config.get("ablation") == "encoder"
-              else "iterative")
+              else "iterative", cross_rope=bool(c.get("cross_rope", False)),
+              cross_null=bool(c.get("cross_null", False)))
 
 
 def _lora_matching(cfg, targets: str, n_params: int):

@@ -17,6 +17,8 @@ Two formats (`KeyValueTable(fmt=...)`):
 | numeric_arithmetic  | `#017+#042=`          | `17+42=`         | `59`    | m_B (never sees a key)                  |
 | kv_arithmetic       | `{qzf}___+{abc}___=`  | `qzf+abc=`       | `59`    | CALM (held-in keys); scored on held-out |
 
+m_A is also trained to write each key's value into the key's own blank slots
+(`KeyValueTable.slot_targets`), so its state at a slot is the digit the anchor reads there.
 KV-arithmetic and numeric arithmetic share their format, so the anchor's arithmetic applies
 once the composition supplies the values; substitution ends in `>` so the two key tasks can
 share a training mixture. A KV-arithmetic prompt and its substitution differ only in the last
@@ -96,6 +98,42 @@ class KeyValueTable:
     """`text` with key tokens shown as `{qzf}`."""
     return "".join("{" + self.keys[ord(c) - _KEY_BASE] + "}" if _KEY_BASE <= ord(c) < _KEY_BASE + self.n_keys
                    else c for c in text)
+
+  def slot_targets(self, tokenizer, inputs, numbers: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Where the blank slots after each key token ask for that key's value ("fields"): token ids
+    [B, T] -> (targets [B, T], mask [B, T]) with, at the k-th slot after a key, the key's k-th
+    value digit (zero-padded) and mask 1; elsewhere -1 and 0. `numbers`: a number's slots too,
+    whose digit is the one written there (a number stands for itself).
+
+    Added to m_A's loss, this trains it to write each key's value into the key's own slots, the
+    positions where the anchor reads an operand's digits, so the value is what m_A's states say
+    there (its unembedding reads it linearly) instead of a lookup m_A only resolves after `>`."""
+    if self.fmt != "fields":
+      raise ValueError(f"slot targets need the 'fields' format, not {self.fmt!r}")
+    inputs = np.asarray(inputs)
+    key_of = np.full(max(int(inputs.max()) + 1, tokenizer.vocab_size), -1, np.int64)
+    for i in range(self.n_keys):
+      key_of[tokenizer.encode(chr(_KEY_BASE + i))[0]] = i
+    digit_ids = np.asarray([tokenizer.encode(str(self.values[k]).zfill(self.width)) for k in self.keys])
+    blank, hash_id = tokenizer.encode("_")[0], tokenizer.encode("#")[0]
+    digits = np.asarray(tokenizer.encode("0123456789"))
+    key_at = key_of[inputs]
+    targets, mask = np.full(inputs.shape, -1, np.int64), np.zeros(inputs.shape, np.float32)
+    for k in range(1, self.width + 1):
+      src = np.full(inputs.shape, -1, np.int64)
+      src[:, k:] = key_at[:, :-k]
+      hit = (src >= 0) & (inputs == blank)
+      targets[hit] = digit_ids[src[hit], k - 1]
+      mask[hit] = 1.0
+      if numbers:
+        head = np.zeros(inputs.shape, bool)
+        head[:, k:] = inputs[:, :-k] == hash_id
+        run = head & np.isin(inputs, digits)
+        for j in range(1, k):  # every slot between the head and this one holds a digit
+          run[:, k:] &= np.isin(inputs[:, k - j:inputs.shape[1] - j], digits)
+        targets[run] = inputs[run]
+        mask[run] = 1.0
+    return targets, mask
 
   def subset(self, which: str) -> tuple[str, ...]:
     if which not in KEY_SETS:

@@ -49,6 +49,12 @@ def get_config(arg=None):
   # m_A small (KV-substitution), m_B larger (numeric arithmetic), as PaLM2-XXS / -XS in the paper.
   c.m_a = _part(2500, 64, 3e-3, _model(64, 4, 4, 2))
   c.m_a.method = "calm_kv_arithmetic/m_a"
+  # m_A also writes each key's value into the key's blank slots (kv_tasks.KeyValueTable.slot_targets),
+  # so its states hold the value where the anchor reads the operand's digits.
+  c.m_a.slot_fill = True
+  # Its data: KV-substitution, plus numeric prompts whose slots (only) it learns to read: a number's
+  # digits are its value. No arithmetic answer is ever in m_A's loss.
+  c.m_a.data = ml_collections.ConfigDict(dict(kv_substitution=1.0, numeric_arithmetic=0.0))
   c.m_b = _part(5000, 64, 3e-3, _model(128, 4, 4, 2))  # its arithmetic "clicks" at ~3000 steps
   c.m_b.method = "calm_kv_arithmetic/m_b"
   c.calm = _part(2500, 64, 3e-3)
@@ -59,9 +65,11 @@ def get_config(arg=None):
   c.calm.data = ml_collections.ConfigDict(dict(tasks={"kv_arithmetic": 1.0, "kv_substitution": 0.25,
                                                       "numeric_arithmetic": 0.25}))
   # Connections (1-based layer outputs); [] = every 4th m_A layer -> evenly spaced anchor layers from 1.
-  # Here every m_A layer feeds the anchor layer of the same depth (both have 4).
+  # Here every m_A layer feeds the anchor layer of the same depth (both have 4). cross_rope / cross_null
+  # (compose.py; extensions, off in the library): rotary positions in the cross-attention and a null
+  # slot; with them the composition reads each slot's digit at its own position (docs/calm.md).
   c.calm.compose = ml_collections.ConfigDict(dict(augment_layers=(1, 2, 3, 4), anchor_layers=(1, 2, 3, 4),
-                                                  num_heads=0))
+                                                  num_heads=0, cross_rope=True, cross_null=True))
   c.lora = ml_collections.ConfigDict(dict(targets="layers/(q|k|v|o|gate|up|down)"))
   c.eval = ml_collections.ConfigDict(dict(n_per_task=500, batch_size=256))
   if arg.tiny:
