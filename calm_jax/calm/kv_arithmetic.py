@@ -1,6 +1,7 @@
 """CALM's Table 1 at small scale (method "calm_kv_arithmetic", configs/calm/kv_arithmetic.py).
 
-1. m_A (small) learns KV-substitution over all keys; m_B (larger) learns numeric arithmetic
+1. m_A (small) learns KV-substitution over all keys (with `slot_fill`, also writing each key's
+   value into the key's blank slots); m_B (larger) learns numeric arithmetic
    and never sees a key. Both from scratch, with the core trainer.
 2. CALM composes them (both frozen) and trains only the composition on D_C: KV-arithmetic
    (and KV-substitution) over the held-in 20% of the keys.
