@@ -38,7 +38,7 @@ from flax import nnx
 from calm_jax.calm.connections import CompositionError, resolve
 from calm_jax.models import decoder as dec
 from calm_jax.models.config import DecoderConfig
-from calm_jax.models.layers import apply_rope, attention_mask, gqa_attention, rms_norm
+from calm_jax.models.layers import apply_rope, attention_mask, gqa_attention, rms_norm, rope_tables
 from calm_jax.variables import ComposeParam
 
 
@@ -130,14 +130,11 @@ def init_compose_params(spec: CompositionSpec, seed: int = 0, dtype=jnp.float32,
 
 
 def cross_rope_tables(spec: CompositionSpec, positions):
-  """cos/sin [B, T, D] of the cross-attention's rotary (`cross_rope`), or None when it is off."""
+  """cos/sin [B, T, D] of the cross-attention's rotary (`cross_rope`: the anchor's rotary at the
+  cross-attention's head size), or None when it is off."""
   if not spec.cross_rope:
     return None
-  d = spec.head_dim
-  inv = 1.0 / (spec.anchor.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
-  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv, jnp.float32)
-  emb = jnp.concatenate([freqs, freqs], axis=-1)
-  return jnp.cos(emb), jnp.sin(emb)
+  return rope_tables(dataclasses.replace(spec.anchor, head_dim=spec.head_dim), positions)
 
 
 def project_kv(cp, states, eps, rope=None):
