@@ -122,15 +122,25 @@ def test_cross_attention_matches_numpy_reference(rope, null):
     np.testing.assert_allclose(got[r], f @ p["anchor"]["lm_head"], atol=2e-4, rtol=1e-4)
 
 
-def test_connection_into_the_embedding_output():
+@pytest.mark.parametrize("cap", [0.0, 2.2])
+def test_connection_into_the_embedding_output(cap):
   # Anchor layer 0: the update lands on the embeddings, and all four anchor layers run on it.
-  m = composed(augment_layers=[[3]], anchor_layers=[[0]])
+  # With update_cap it is first bounded: u tanh(r)/r, r = rms(u) / (cap max(rms(h), rms(E))).
+  m = composed(augment_layers=[[3]], anchor_layers=[[0]], update_cap=cap)
   toks = tokens(2, 9, seed=4)
   p = jax.tree.map(np.asarray, m.params())
   _, ha = dec.forward(AUG, m.params()["augments"][0], toks, return_hidden=True)
   h0 = np.asarray(dec.embed(m.params()["anchor"], toks), np.float64)
-  h0 = h0 + np.stack([numpy_cross(h0[r], np.asarray(ha["hidden"][3][r], np.float64), p["compose"][0], 0,
-                                  ANCHOR.num_heads) for r in range(2)])
+  u = np.stack([numpy_cross(h0[r], np.asarray(ha["hidden"][3][r], np.float64), p["compose"][0], 0,
+                            ANCHOR.num_heads) for r in range(2)])
+  if cap:
+    rms = lambda x: np.sqrt(np.mean(np.square(x), -1, keepdims=True))
+    bound = cap * np.maximum(rms(h0), np.sqrt(np.mean(np.square(p["anchor"]["embed"].astype(np.float64)))))
+    r = rms(u) / bound
+    assert (r > 1).any() and (r < 1).any()  # the cap binds at some positions, not at others
+    u = u * np.tanh(r) / r
+    assert (rms(u) < bound).all()
+  h0 = h0 + u
   positions = jnp.broadcast_to(jnp.arange(9), (2, 9))
   h, _, _ = dec.run_layers(ANCHOR, m.params()["anchor"]["layers"], jnp.asarray(h0, jnp.float32),
                            positions=positions, kv_valid=jnp.ones((2, 9), bool), cache=None, layer_ids=np.arange(4))

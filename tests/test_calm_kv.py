@@ -125,13 +125,15 @@ def test_value_probe_reads_linear_digits_and_not_noise():
   assert acc[1:].max() <= 0.3  # tens and units near chance (0.1)
 
 
-def test_slot_targets_ask_each_slot_for_its_digit():
-  # m_A's slot supervision: the k-th blank after a key -> the key's k-th (zero-padded) value digit;
+@pytest.mark.parametrize("slot", ["_", "0"])
+def test_slot_targets_ask_each_slot_for_its_digit(slot):
+  # m_A's slot supervision: the k-th slot after a key -> the key's k-th (zero-padded) value digit;
   # with numbers=True a number's slots -> the digit written there; nothing anywhere else.
-  t = KeyValueTable(200, 3, 0.2, seed=1)
+  t = KeyValueTable(200, 3, 0.2, seed=1, slot=slot)
   tok = t.tokenizer()
   k1, k2 = t.keys[3], t.keys[150]
   text = t.key_text(k1) + "+#047+" + t.key_text(k2) + "="
+  assert text.endswith(slot * 3 + "=")
   ids = np.asarray([tok.encode(text), tok.encode("#305+" + t.key_text(k1) + "+#621=")])
   for numbers in (False, True):
     targets, mask = t.slot_targets(tok, ids, numbers=numbers)

@@ -91,7 +91,7 @@ def run(config, workdir) -> dict:
   workdir = Path(workdir)
   seed = int(config.seed)
   table = KeyValueTable(int(config.kv.n_keys), int(config.kv.key_len), float(config.kv.held_in_fraction), seed,
-                        fmt=str(config.kv.get("format", "tokens")))
+                        fmt=str(config.kv.get("format", "tokens")), slot=str(config.kv.get("slot", "_")))
   tokenizer = table.tokenizer()
   registries = kv_registry(table, int(config.kv.operands), str(config.kv.ops))
   seq_len = max_seq_len(list(registries["all"].values()))
@@ -172,7 +172,7 @@ def _compose_kwargs(config) -> dict:
   return dict(augment_layers=layers(c.get("augment_layers")), anchor_layers=layers(c.get("anchor_layers")),
               num_heads=c.get("num_heads") or None, aug_mode="encoder" if config.get("ablation") == "encoder"
               else "iterative", cross_rope=bool(c.get("cross_rope", False)),
-              cross_null=bool(c.get("cross_null", False)))
+              cross_null=bool(c.get("cross_null", False)), update_cap=float(c.get("update_cap", 0.0)))
 
 
 def _lora_matching(cfg, targets: str, n_params: int):

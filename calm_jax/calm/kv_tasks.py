@@ -46,10 +46,12 @@ _KEY_BASE, _MAX_KEYS = 0xE000, 0x1000
 class KeyValueTable:
   """`n_keys` distinct lowercase keys of `key_len` letters -> distinct values (a seeded
   permutation of 1..n_keys), and a seeded held-in subset (`held_in_fraction` of the keys).
-  `fmt` says how keys and numbers are written in prompts (module docstring)."""
+  `fmt` says how keys and numbers are written in prompts (module docstring); `slot` is the
+  character in a key's digit slots ("fields": `_`, or `0` so a key reads to the anchor as a
+  zero-valued field whose digits the composition changes)."""
 
   def __init__(self, n_keys: int = 100, key_len: int = 3, held_in_fraction: float = 0.2, seed: int = 0,
-               fmt: str = "fields"):
+               fmt: str = "fields", slot: str = "_"):
     if n_keys < 2 or key_len < 1 or n_keys > len(LOWER) ** key_len:
       raise ValueError(f"KeyValueTable: need 2 <= n_keys <= 26**key_len, got n_keys={n_keys}, key_len={key_len}")
     if not 0 < held_in_fraction < 1:
@@ -58,6 +60,8 @@ class KeyValueTable:
       raise ValueError(f"KeyValueTable: unknown format {fmt!r}; expected one of {FORMATS}")
     if fmt == "fields" and n_keys > _MAX_KEYS:
       raise ValueError(f"KeyValueTable: the 'fields' format holds at most {_MAX_KEYS} keys, got {n_keys}")
+    if slot not in ("_", "0"):
+      raise ValueError(f"KeyValueTable: slot must be '_' or '0', got {slot!r}")
     rng = np.random.default_rng([seed, 0x4B56])
     keys: set[str] = set()
     while len(keys) < n_keys:
@@ -68,7 +72,7 @@ class KeyValueTable:
     held = set(rng.permutation(n_keys)[:n_in].tolist())
     self.held_in = tuple(k for i, k in enumerate(self.keys) if i in held)
     self.held_out = tuple(k for i, k in enumerate(self.keys) if i not in held)
-    self.n_keys, self.key_len, self.seed, self.fmt = n_keys, key_len, seed, fmt
+    self.n_keys, self.key_len, self.seed, self.fmt, self.slot = n_keys, key_len, seed, fmt, slot
     self._key_index = {k: i for i, k in enumerate(self.keys)}
 
   @property
@@ -80,7 +84,7 @@ class KeyValueTable:
     """How `key` is written in a prompt: its token and blank digit slots ("fields"), or its letters."""
     if self.fmt == "chars":
       return key
-    return chr(_KEY_BASE + self._key_index[key]) + "_" * self.width
+    return chr(_KEY_BASE + self._key_index[key]) + self.slot * self.width
 
   def number_text(self, value: int) -> str:
     """How an operand is written in a prompt: `#` and its zero-padded digit slots ("fields"), or its digits."""
@@ -115,7 +119,7 @@ class KeyValueTable:
     for i in range(self.n_keys):
       key_of[tokenizer.encode(chr(_KEY_BASE + i))[0]] = i
     digit_ids = np.asarray([tokenizer.encode(str(self.values[k]).zfill(self.width)) for k in self.keys])
-    blank, hash_id = tokenizer.encode("_")[0], tokenizer.encode("#")[0]
+    blank, hash_id = tokenizer.encode(self.slot)[0], tokenizer.encode("#")[0]
     digits = np.asarray(tokenizer.encode("0123456789"))
     key_at = key_of[inputs]
     targets, mask = np.full(inputs.shape, -1, np.int64), np.zeros(inputs.shape, np.float32)

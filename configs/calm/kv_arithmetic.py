@@ -44,8 +44,9 @@ def get_config(arg=None):
   # N keys -> the distinct values 1..N; CALM trains on expressions over 20% of them. Format "fields":
   # an operand is a head token (a key's own token, or `#` for a number) then digit slots (blank after a
   # key); "tokens": one token per key and per number; "chars": letters and digits (kv_tasks.py).
+  # slot: the character in a key's digit slots ("_", or "0": a key reads as a zero-valued field).
   c.kv = ml_collections.ConfigDict(dict(n_keys=200, key_len=3, held_in_fraction=0.2, operands=2, ops="+",
-                                        format="fields"))
+                                        format="fields", slot="_"))
   # m_A small (KV-substitution), m_B larger (numeric arithmetic), as PaLM2-XXS / -XS in the paper.
   c.m_a = _part(2500, 64, 3e-3, _model(64, 4, 4, 2))
   c.m_a.method = "calm_kv_arithmetic/m_a"
@@ -68,8 +69,10 @@ def get_config(arg=None):
   # Here every m_A layer feeds the anchor layer of the same depth (both have 4). cross_rope / cross_null
   # (compose.py; extensions, off in the library): rotary positions in the cross-attention and a null
   # slot; with them the composition reads each slot's digit at its own position (docs/calm.md).
+  # update_cap > 0 bounds each update softly to that multiple of the anchor state's scale (compose.py).
   c.calm.compose = ml_collections.ConfigDict(dict(augment_layers=(1, 2, 3, 4), anchor_layers=(1, 2, 3, 4),
-                                                  num_heads=0, cross_rope=True, cross_null=True))
+                                                  num_heads=0, cross_rope=True, cross_null=True,
+                                                  update_cap=0.0))
   c.lora = ml_collections.ConfigDict(dict(targets="layers/(q|k|v|o|gate|up|down)"))
   c.eval = ml_collections.ConfigDict(dict(n_per_task=500, batch_size=256))
   if arg.tiny:
