@@ -138,10 +138,16 @@ def merge_mesh(mesh) -> Mesh | None:
   return None if len(devices) == 1 else Mesh(np.asarray(devices), ("x",))
 
 
-def _put(x, sharding):
-  """A flat host tensor as a global array split over the mesh; each device copies only its slice
-  (so every host reads just its part of the memory map)."""
-  return jax.make_array_from_callback(x.shape, sharding, lambda idx: np.asarray(x[idx]))
+def _put(x, sharding, size: int):
+  """A flat host tensor as a global array of `size` entries split over the mesh, zero-padded past
+  x's own size; each device copies only its slice (so every host reads just its part of the memory map)."""
+  def shard(idx):
+    start, stop, _ = idx[0].indices(size)
+    part = np.asarray(x[start:stop])
+    if len(part) < stop - start:
+      part = np.concatenate([part, np.zeros(stop - start - len(part), part.dtype)])
+    return part
+  return jax.make_array_from_callback((size,), sharding, shard)
 
 
 class Prefetcher:
@@ -193,12 +199,14 @@ class Prefetcher:
 class Merger:
   """Runs the passes over a `Source`; iterate it for (name, merged tensor) in the base's order.
 
-  With a `mesh` (see `merge_mesh`) every tensor whose size divides by the device count is split
-  evenly over the devices and the kernels run sharded (XLA partitions the reductions: norms,
-  histograms, sorts); other tensors (norm vectors, odd sizes) run on one device. Results equal
-  the single-device ones: the kernels are elementwise or per-tensor reductions and the DARE masks
-  are counter-based per element. `prefetch` (default on) reads the next tensors' inputs ahead in a
-  background thread where the source can (`Prefetcher`).
+  With a `mesh` (see `merge_mesh`) every tensor is split evenly over the devices and the kernels run
+  sharded (XLA partitions the reductions: norms, histograms, sorts); a tensor whose size does not
+  divide by the device count (norm vectors, odd sizes) is zero-padded to the next multiple, the
+  kernels mask the padding out of their statistics and return the true entries (`kernels`, "Padding";
+  such a merged tensor comes back replicated over the mesh). Results equal the single-device ones:
+  the kernels are elementwise or per-tensor reductions and the DARE masks are counter-based per
+  element. `prefetch` (default on) reads the next tensors' inputs ahead in a background thread
+  where the source can (`Prefetcher`).
   """
 
   def __init__(self, source: Source, opts: MergeOptions, progress: bool = False, mesh=None,
@@ -214,15 +222,19 @@ class Merger:
     self._prepared = False
 
   def _inputs(self, p: TensorPlan):
-    """(base, (model tensors)) cut to the base shape and flattened (the kernels are shape-agnostic)."""
+    """(base, (model tensors), n): cut to the base shape and flattened (the kernels are shape-agnostic).
+    On a mesh they are split over the devices, zero-padded to a multiple of the device count where
+    their size does not divide; n is then their true size (the kernels' `n`), else None."""
     models = []
     for i in range(self.source.num_models):
       x = self.source.get(i, p.name)
       models.append((x[p.crops[i]] if p.crops and p.crops[i] is not None else x).reshape(-1))
     base = self.source.get(-1, p.name).reshape(-1)
-    if self.sharding is not None and base.size % self.mesh.size == 0:
-      return _put(base, self.sharding), tuple(_put(m, self.sharding) for m in models)
-    return base, tuple(models)
+    if self.sharding is None:
+      return base, tuple(models), None
+    size = -(-base.size // self.mesh.size) * self.mesh.size
+    return (_put(base, self.sharding, size), tuple(_put(m, self.sharding, size) for m in models),
+            None if size == base.size else base.size)
 
   def _check_finite(self, name, finite) -> None:
     finite = np.asarray(finite)
@@ -261,8 +273,8 @@ class Merger:
     sq = np.zeros(opts.num_models, np.float64)
     search = ThresholdSearch(opts.num_models) if opts.needs_threshold else None
     for p in self._bar("merge: statistics"):
-      base, models = self._inputs(p)
-      st = jax.device_get(kernels.tensor_stats(base, models, histogram=search is not None))
+      base, models, n = self._inputs(p)
+      st = jax.device_get(kernels.tensor_stats(base, models, histogram=search is not None, n=n))
       self.source.release(p.name)
       self._check_finite(p.name, st["finite"])
       sq += st["sq"]
@@ -277,8 +289,8 @@ class Merger:
       ranks = [ties_rank(search.count, d) for d in opts.density]
       bins, rest = search.hi_bins(ranks)
       for p in self._bar("merge: TIES threshold"):
-        base, models = self._inputs(p)
-        search.add_lo(jax.device_get(kernels.low_histogram(base, models, bins)))
+        base, models, n = self._inputs(p)
+        search.add_lo(jax.device_get(kernels.low_histogram(base, models, bins, n=n)))
         self.source.release(p.name)
       self.thresholds = search.thresholds(ranks, bins, rest)
       self.report.ties_threshold(self.thresholds, ranks, search.count)
@@ -300,10 +312,10 @@ class Merger:
         base = self.source.get(-1, p.name)
         yield p, (base.astype(opts.out_dtype) if opts.out_dtype and is_float(p.dtype) else base)
         continue
-      base, models = self._inputs(p)
+      base, models, n = self._inputs(p)
       merged, st = kernels.merge_tensor(base, models, self.weights, lam, self.thresholds,
                                         kernels.tensor_key(opts.seed, p.name) if key is None else key,
-                                        spec=opts.kernel)
+                                        spec=opts.kernel, n=n)
       st = jax.device_get(st)  # the kernel has run: its inputs are not read again
       del base, models
       self.source.release(p.name)

@@ -7,6 +7,12 @@ masks) and the merged tensor is cast to the storage dtype once, at the end. Each
 (spec, size, dtype) and then runs for every tensor of that size: tensors arrive flattened to 1-D
 (every operation is elementwise or a per-tensor reduction, so the layout does not matter).
 
+Padding: to split a tensor evenly over a mesh the engine may zero-pad the flat inputs past their
+true size and pass it as the static `n`. A zero tail has τ = 0, which adds nothing to sums (norms,
+DARE's L1 rescale, sign election, means) and never ranks above a true entry (per-tensor top-k,
+with k from n); what would count it is masked (histograms, kept counts, ‖δ‖²), DARE masks are drawn
+for the n true entries only, and the merged tensor is cut back to n entries. `n=None`: no padding.
+
 Global statistics (`tensor_stats`, `low_histogram`) are per-tensor partial sums that the caller
 accumulates over all tensors (in fp64 / int64 on the host):
   * squared task-vector norms ‖τ_i‖² (MetaGPT's λ_t),
@@ -49,23 +55,38 @@ def _bits(tau):
   return jax.lax.bitcast_convert_type(jnp.abs(tau), jnp.uint32)
 
 
-@functools.partial(jax.jit, static_argnames=("histogram",))
-def tensor_stats(base, models, *, histogram: bool = False):
-  """Pass 1: {"sq": ‖τ_i‖² [T], "finite": [T+1] (base first), "hist": top-16-bit counts [T, 2¹⁵]}."""
+def _valid(size, n):
+  """Mask [size] of the true entries of inputs zero-padded past n; None without padding."""
+  return None if n is None or n == size else jnp.arange(size) < n
+
+
+def _bincounts(idx, length, valid):
+  """Per-model counts [T, length] of idx [T, size]; padding (outside `valid`) is not counted."""
+  w = None if valid is None else valid.astype(jnp.int32)
+  return jax.vmap(lambda h: jnp.bincount(h, w, length=length))(idx)
+
+
+@functools.partial(jax.jit, static_argnames=("histogram", "n"))
+def tensor_stats(base, models, *, histogram: bool = False, n: int | None = None):
+  """Pass 1: {"sq": ‖τ_i‖² [T], "finite": [T+1] (base first), "hist": top-16-bit counts [T, 2¹⁵]}.
+  `n`: the true size of zero-padded inputs (the padding is not counted)."""
   _, tau = _deltas(base, models)
   out = {"sq": _per_model_sum(tau * tau), "finite": _finite(base, models)}
   if histogram:
     hi = (_bits(tau) >> 16).astype(jnp.int32)
-    out["hist"] = jax.vmap(lambda h: jnp.bincount(h, length=HI_BINS))(hi)
+    out["hist"] = _bincounts(hi, HI_BINS, _valid(base.shape[0], n))
   return out
 
 
-@jax.jit
-def low_histogram(base, models, hi_bin):
-  """Pass 2: counts [T, 2¹⁶] of the low 16 bits of |τ_i| among entries whose top bits equal hi_bin[i]."""
+@functools.partial(jax.jit, static_argnames=("n",))
+def low_histogram(base, models, hi_bin, *, n: int | None = None):
+  """Pass 2: counts [T, 2¹⁶] of the low 16 bits of |τ_i| among entries whose top bits equal hi_bin[i]
+  (`n` as in `tensor_stats`)."""
   _, tau = _deltas(base, models)
   bits = _bits(tau)
-  sel = jnp.where((bits >> 16).astype(jnp.int32) == hi_bin[:, None], (bits & 0xFFFF).astype(jnp.int32), LO_BINS)
+  sel = (bits >> 16).astype(jnp.int32) == hi_bin[:, None]
+  valid = _valid(base.shape[0], n)
+  sel = jnp.where(sel if valid is None else sel & valid, (bits & 0xFFFF).astype(jnp.int32), LO_BINS)
   return jax.vmap(lambda s: jnp.bincount(s, length=LO_BINS + 1))(sel)[:, :LO_BINS]
 
 
@@ -118,22 +139,25 @@ def kth_largest(mag, k: int):
   return jax.lax.bitcast_convert_type(((b << 16) | l).astype(jnp.uint32), F32)
 
 
-def _sparsify(tau, spec: KernelSpec, thresholds, key):
-  """Step 1: (τ̂ [T, n], keep mask [T, n])."""
+def _sparsify(tau, spec: KernelSpec, thresholds, key, n: int):
+  """Step 1: (τ̂ [T, size], keep mask [T, size]); n: the true entries (the rest is zero padding)."""
   if spec.sparsify == "none":
     return tau, jnp.ones(tau.shape, bool)
   if spec.sparsify == "magnitude":
     mag = jnp.abs(tau)
     if spec.trim == "global":
       thr = thresholds
-    else:  # k-th largest magnitude of the tensor, k = max(1, int(density·n)), as mergekit
-      n = mag.shape[1]
+    else:  # k-th largest magnitude of the tensor, k = max(1, int(density·n)), as mergekit; the
+      # padding's |τ| = 0 ranks below every true entry, so it cannot move the k-th largest (k <= n)
       thr = jnp.stack([kth_largest(mag[i], max(1, int(d * n))) if d < 1 else jnp.zeros((), F32)
                        for i, d in enumerate(spec.keep)])
     mask = mag >= thr[:, None]
-  else:  # random: DARE, keep with probability 1 − p
-    mask = jnp.stack([_keep_mask(key, i, d, tau.shape[1:]) if d < 1 else jnp.ones(tau.shape[1:], bool)
+  else:  # random: DARE, keep with probability 1 − p; drawn for the n true entries (the padding,
+    # never kept, does not move them in the random stream)
+    mask = jnp.stack([_keep_mask(key, i, d, (n,)) if d < 1 else jnp.ones((n,), bool)
                       for i, d in enumerate(spec.keep)])
+    if n < tau.shape[1]:
+      mask = jnp.pad(mask, ((0, 0), (0, tau.shape[1] - n)))
   kept = jnp.where(mask, tau, 0.0)
   keep = jnp.asarray(spec.keep, F32)
   return _rescale(tau, kept, spec.rescale, keep), mask
@@ -185,29 +209,36 @@ def _weighted_sum(base, models, weights, lam, spec: KernelSpec, out_dtype):
   return merged32.astype(out_dtype), stats
 
 
-@functools.partial(jax.jit, static_argnames=("spec",))
-def merge_tensor(base, models, weights, lam, thresholds, key, *, spec: KernelSpec):
+@functools.partial(jax.jit, static_argnames=("spec", "n"))
+def merge_tensor(base, models, weights, lam, thresholds, key, *, spec: KernelSpec, n: int | None = None):
   """One merged tensor and its statistics.
 
   base: the θ_0 tensor, flattened; models: tuple of T flattened θ_i tensors of its size;
   weights: w_i [T] fp32; lam: λ; thresholds: global TIES thresholds [T] (unused unless spec.trim == "global");
-  key: the tensor's DARE key (`tensor_key`). Returns (merged in the storage dtype,
+  key: the tensor's DARE key (`tensor_key`); n: the true size of zero-padded inputs (the merged
+  tensor has n entries, the statistics cover them only). Returns (merged in the storage dtype,
   {"kept": entries of each model that contribute [T], "delta_sq": ‖merged − θ_0‖² in fp32,
   "sq": ‖τ_i‖² [T], "finite": [T+1]}).
   """
   out_dtype = jnp.dtype(spec.out_dtype) if spec.out_dtype else base.dtype
+  valid = _valid(base.shape[0], n)
   if spec.mode != "linear" and spec.sparsify == "none" and not spec.consensus:
-    return _weighted_sum(base, models, weights, lam, spec, out_dtype)
+    merged, stats = _weighted_sum(base, models, weights, lam, spec, out_dtype)  # τ = 0 on padding: no term
+    return (merged if valid is None else merged[:n]), stats
   b, tau = _deltas(base, models)
   stats = {"sq": _per_model_sum(tau * tau), "finite": _finite(base, models)}
   if spec.mode == "linear":  # Σ w_i θ_i / Σ w_i
     merged32 = jnp.sum(weights[:, None] * jnp.stack([m.astype(F32) for m in models]), axis=0) / jnp.sum(weights)
     contributes = jnp.broadcast_to((weights != 0)[:, None], tau.shape)
   else:
-    tau_hat, mask = _sparsify(tau, spec, thresholds, key)
+    tau_hat, mask = _sparsify(tau, spec, thresholds, key, base.shape[0] if n is None else n)
     mixed, agree = _combine(tau_hat, weights, spec)
     merged32 = b + mixed * lam
     contributes = mask & agree & (tau_hat != 0)
+  delta = merged32 - b
+  if valid is not None:  # "linear" counts every entry of a weighted model
+    contributes, delta = contributes & valid, jnp.where(valid, delta, 0.0)
   stats["kept"] = _per_model_sum(contributes.astype(jnp.int32))
-  stats["delta_sq"] = jnp.sum(jnp.square(merged32 - b))
-  return merged32.astype(out_dtype), stats
+  stats["delta_sq"] = jnp.sum(jnp.square(delta))
+  merged = merged32.astype(out_dtype)
+  return (merged if valid is None else merged[:n]), stats
