@@ -154,3 +154,30 @@ def test_slot_targets_ask_each_slot_for_its_digit(slot):
   assert t.values[k1] != t.values[k2]
   with pytest.raises(ValueError, match="fields"):
     KeyValueTable(20, 3, fmt="chars").slot_targets(CharTokenizer(), ids)
+
+
+def test_noisy_field_loss_blurs_only_number_fields(fast_compile):
+  # m_B's optional field noise: off (prob 0, or no field tokens) it is the plain answer loss
+  # exactly; on, it changes the loss, and only through the prompt's `#` and digit tokens.
+  import jax
+  from calm_jax.calm.kv_arithmetic import _batches, noisy_field_loss
+  from calm_jax.experiment import build_decoder
+  from calm_jax.pretrain import lm_batch_loss
+  from configs.calm.kv_arithmetic import get_config
+  table = KeyValueTable(20, 3, 0.2, seed=0)
+  tok = table.tokenizer()
+  reg = kv_registry(table)["all"]
+  model = build_decoder(get_config("tiny").m_b.model, tok, 0)
+  fields = tok.encode("#0123456789")
+  rng = jax.random.key(3)
+  for task in ("numeric_arithmetic", "kv_substitution"):
+    batch = _batches({task: 1.0}, reg, 0, 8, tok, 24)(0)
+    plain = float(lm_batch_loss(model, batch, rng)[0])
+    loss = lambda ids, prob: float(noisy_field_loss(ids, prob, 0.02)(model, batch, rng)[0])
+    assert loss(fields, 0.0) == pytest.approx(plain, rel=1e-6)
+    assert loss([tok.encode("?")[0]], 1.0) == pytest.approx(plain, rel=1e-6)
+    blurred = loss(fields, 1.0)
+    if task == "numeric_arithmetic":
+      assert abs(blurred - plain) > 1e-4
+    else:  # a substitution prompt has no `#` or digit before its answer: nothing to blur
+      assert blurred == pytest.approx(plain, rel=1e-6)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from calm_jax import lora as lora_lib
@@ -41,6 +42,33 @@ EVAL_KEYS = {"kv_substitution": "all", "numeric_arithmetic": "all", "kv_arithmet
 def calm_batch_loss(model, batch, rng):
   logits = model(batch["inputs"], batch["attention_mask"], batch["prompt_len"])
   return lm_loss(logits, batch["targets"], batch["loss_mask"])
+
+
+def noisy_field_loss(field_ids, prob: float, noise_std: float):
+  """m_B's loss with its number fields blurred (an option, `m_b.field_noise`): in a random `prob` of
+  the rows every prompt token in `field_ids` (`#` and the digits) is fed as (1 − α)·embedding + α·n,
+  α ~ U(0, 1) per position, n ~ N(0, noise_std²): the anchor learns to read a digit from a partial
+  one, so the loss is smooth along the path from an unknown vector (a key's blank slot) to a digit's
+  embedding, the path a connection into the embedding output has to follow."""
+  from calm_jax.models import decoder as dec
+  field_ids = jnp.asarray(field_ids)
+
+  def loss(model, batch, rng):
+    cfg, p = model.config, model.params()
+    toks = jnp.asarray(batch["inputs"])
+    valid = jnp.asarray(batch["attention_mask"]).astype(bool)
+    h = dec.embed(p, toks)
+    k_row, k_alpha, k_noise = jax.random.split(rng, 3)
+    on = (jnp.isin(toks, field_ids) & valid & (jnp.asarray(batch["loss_mask"]) == 0)
+          & jax.random.bernoulli(k_row, prob, (toks.shape[0], 1)))
+    alpha = jax.random.uniform(k_alpha, toks.shape + (1,), h.dtype)
+    noise = noise_std * jax.random.normal(k_noise, h.shape, h.dtype)
+    h = jnp.where(on[..., None], (1 - alpha) * h + alpha * noise, h)
+    positions = jnp.broadcast_to(jnp.arange(toks.shape[1]), toks.shape)
+    h, _, _ = dec.run_layers(cfg, p["layers"], h, positions=positions, kv_valid=valid, cache=None,
+                             layer_ids=np.arange(cfg.num_layers))
+    return lm_loss(dec.unembed(cfg, p, h), batch["targets"], batch["loss_mask"])
+  return loss
 
 
 def _batches(tasks: dict, registry, seed: int, batch_size: int, tokenizer, seq_len: int):
@@ -120,7 +148,11 @@ def run(config, workdir) -> dict:
         f"{[round(a, 3) for a in probe['concat']]} (all layers and slots), best single "
         f"{[round(a, 3) for a in probe['best_single']]}")
   m_b = build_decoder(config.m_b.model, tokenizer, seed * 1000 + 2)
-  m_b = fit(m_b, "m_b", {"numeric_arithmetic": 1.0}, registries["all"], lm_batch_loss, 2)
+  m_b_loss = lm_batch_loss
+  if float(config.m_b.get("field_noise", 0.0)) > 0:
+    m_b_loss = noisy_field_loss(tokenizer.encode("#0123456789"), float(config.m_b.field_noise),
+                                float(config.m_b.model.init_std))
+  m_b = fit(m_b, "m_b", {"numeric_arithmetic": 1.0}, registries["all"], m_b_loss, 2)
 
   examples = _eval_sets(config, registries)
   bs = int(config.eval.batch_size)

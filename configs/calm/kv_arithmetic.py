@@ -58,6 +58,8 @@ def get_config(arg=None):
   c.m_a.data = ml_collections.ConfigDict(dict(kv_substitution=1.0, numeric_arithmetic=0.0))
   c.m_b = _part(5000, 64, 3e-3, _model(128, 4, 4, 2))  # its arithmetic "clicks" at ~3000 steps
   c.m_b.method = "calm_kv_arithmetic/m_b"
+  # > 0: in that fraction of m_B's rows its number fields are blurred toward noise (kv_arithmetic.noisy_field_loss).
+  c.m_b.field_noise = 0.0
   c.calm = _part(2500, 64, 3e-3)
   c.calm.method = "calm_kv_arithmetic/calm"
   c.calm.trainable = ["ComposeParam", "LoRAParam"]  # whichever the model has (LoRA: the ablation)
