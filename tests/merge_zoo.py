@@ -21,11 +21,11 @@ SCALES = (0.01, 0.03, 0.1)      # typical |τ| of the three fine-tuned models
 FRACTIONS = (0.3, 0.6, 0.9)     # fraction of entries each one changes
 
 
-def make_base(path) -> Path:
+def make_base(path, **overrides) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**LLAMA)).eval()
+    model = LlamaForCausalLM(LlamaConfig(**{**LLAMA, **overrides})).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -61,9 +61,10 @@ def perturb(tensors: dict, seed: int, scale: float, fraction: float) -> dict:
     return out
 
 
-def make_zoo(root) -> tuple[Path, list[Path]]:
+def make_zoo(root, **overrides) -> tuple[Path, list[Path]]:
+    """base + 3 fine-tuned models in root/base, root/ft0..2; `overrides` change the llama config."""
     root = Path(root)
-    base = make_base(root / "base")
+    base = make_base(root / "base", **overrides)
     tensors = read(base)
     fts = [write(root / f"ft{i}", perturb(tensors, 100 + i, s, f), base)
                   for i, (s, f) in enumerate(zip(SCALES, FRACTIONS))]
