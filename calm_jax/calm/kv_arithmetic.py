@@ -26,6 +26,7 @@ from calm_jax.calm.decoding import generate as calm_generate
 from calm_jax.calm.kv_tasks import KeyValueTable, kv_registry
 from calm_jax.calm.probe import value_digit_probe
 from calm_jax.experiment import bar_chart, build_decoder, print_table, write_results
+from calm_jax.models import decoder as dec
 from calm_jax.pretrain import lm_batch_loss
 from calm_jax.registry import register_method
 from calm_jax.tasks import Mixture, evaluate, make_eval_set, max_seq_len
@@ -50,7 +51,6 @@ def noisy_field_loss(field_ids, prob: float, noise_std: float):
   α ~ U(0, 1) per position, n ~ N(0, noise_std²): the anchor learns to read a digit from a partial
   one, so the loss is smooth along the path from an unknown vector (a key's blank slot) to a digit's
   embedding, the path a connection into the embedding output has to follow."""
-  from calm_jax.models import decoder as dec
   field_ids = jnp.asarray(field_ids)
 
   def loss(model, batch, rng):
