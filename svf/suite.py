@@ -4,12 +4,14 @@
 
 Steps (each reused when its output exists in DIR):
   1. the base: config.base_workdir/hf (trained there by the pretrain method if missing);
-  2. one SVF expert per training task (DIR/experts/TASK) and the LoRA baseline on the same task
-     (DIR/lora/TASK: core calm_jax.lora, same matrices, same trainer/objective/data, rank with
-     >= SVF's parameter count); the classification expert (DIR/experts/classifier);
-  3. test accuracy of base / SVF / LoRA on the training tasks;
+  2. per training task, the rows' adapters: SVF experts by REINFORCE (`objective`, DIR/experts/TASK) and
+     by next-token prediction (`ntp_objective`, DIR/experts_ntp/TASK), and the LoRA baseline
+     (`lora_objective`, DIR/lora/TASK: core calm_jax.lora, same matrices, same trainer and data, rank
+     with >= SVF's parameter count); the classification expert (DIR/experts/classifier);
+  3. test accuracy of base and every row on the training tasks;
   4. held-out tasks answered by each adaptation strategy (prompt dispatch, classification
-     expert, few-shot CEM with one α per expert and per layer) vs the base, first- and
+     expert, few-shot CEM with one α per expert and per layer; the `adapt_experts` row's SVF
+     experts) vs the base, first- and
      second-pass seconds, and how often each dispatcher picks the right expert on the
      training tasks' test prompts.
 Writes DIR/results.json (schema in configs/svf/suite.py), DIR/results.png (held-out),
@@ -33,6 +35,11 @@ from svf import train as train_lib
 from svf.dispatch import OTHER, Classify, classify, dispatch_accuracy
 
 
+# the rows of the training-task table: (results key, adapter, objective config key, experts' subdirectory)
+ROWS = (("svf", "svf", "objective", "experts"), ("svf_ntp", "svf", "ntp_objective", "experts_ntp"),
+        ("lora", "lora", "lora_objective", "lora"))
+
+
 def expert_config(config, task: str, adapter: str, objective: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict(config.expert.to_dict())
   c.method = "svf_expert"
@@ -49,6 +56,8 @@ def expert_config(config, task: str, adapter: str, objective: str) -> ml_collect
     c.classifier.sources = {**labels, OTHER: list(config.other_tasks)}
   if adapter == "lora" and config.lora_lr:
     c.optimizer.lr = float(config.lora_lr)
+  if objective == "ntp" and config.get("ntp_lr", 0):
+    c.optimizer.lr = float(config.ntp_lr)
   c.quiet = True
   return c
 
@@ -69,26 +78,32 @@ def run(config, workdir) -> dict:
   tasks = list(config.expert_tasks)
   ev = config.eval
 
-  svf_res, lora_res = {}, {}
-  for task in tasks:
-    svf_res[task] = train_lib.run(expert_config(config, task, "svf", config.objective), workdir / "experts" / task)
-    print(f"SVF expert {task}: test {svf_res[task]['test_accuracy']:.3f} ({svf_res[task]['seconds']:.0f} s)")
-    if config.lora_baseline:
-      lora_res[task] = train_lib.run(expert_config(config, task, "lora", config.objective), workdir / "lora" / task)
-      print(f"LoRA {task}: test {lora_res[task]['test_accuracy']:.3f} ({lora_res[task]['seconds']:.0f} s)")
+  runs = {}  # row -> {task: the expert run's results}
+  for row, adapter, objective_key, subdir in ROWS:
+    objective = config.get(objective_key, "")
+    if not objective:  # "" leaves the row out
+      continue
+    runs[row] = {}
+    for task in tasks:
+      r = train_lib.run(expert_config(config, task, adapter, objective), workdir / subdir / task)
+      runs[row][task] = r
+      print(f"{row} ({objective}) {task}: test {r['test_accuracy']:.3f} ({r['seconds']:.0f} s)")
+  adapt_row = config.adapt_experts
+  if adapt_row not in runs or adapt_row == "lora":
+    raise ValueError(f"config.adapt_experts={adapt_row!r}: the SVF experts that adapt must be one of the trained "
+                     f"SVF rows {[r for r in runs if r != 'lora']}")
+  adapt_dir = workdir / dict((r[0], r[3]) for r in ROWS)[adapt_row]
   cls_res = train_lib.run(expert_config(config, Classify.name, "svf", config.classifier_objective),
                           workdir / "experts" / "classifier")
   print(f"classification expert: test {cls_res['test_accuracy']:.3f}")
 
   model = train_lib.load_svf_model(config, base_hf)
-  experts = {t: train_lib.attach_expert(model, workdir / "experts" / t / train_lib.EXPERT_NAME) for t in tasks}
+  experts = {t: train_lib.attach_expert(model, adapt_dir / t / train_lib.EXPERT_NAME) for t in tasks}
   classifier = train_lib.attach_expert(model, workdir / "experts" / "classifier" / train_lib.EXPERT_NAME)
   base_train = suite_accuracy(model.base, tokenizer, tasks, n_per_task=ev.n_per_task, split=ev.split,
                               batch_size=ev.batch_size, registry=registry)
-  train_tasks = {"base": {t: base_train[t] for t in tasks},
-                 "svf": {t: svf_res[t]["test_accuracy"] for t in tasks}}
-  if lora_res:
-    train_tasks["lora"] = {t: lora_res[t]["test_accuracy"] for t in tasks}
+  train_tasks = {"base": {t: base_train[t] for t in tasks}}
+  train_tasks.update({row: {t: r[t]["test_accuracy"] for t in tasks} for row, r in runs.items()})
 
   # first-pass accuracy on known prompts: the training tasks (-> their expert) and other base tasks (-> base)
   labels = dict(config.dispatch.labels)
@@ -115,9 +130,8 @@ def run(config, workdir) -> dict:
     print(f"{strategy}: {r['accuracy']}  (first pass {r['seconds']['first_pass']:.3f} s, "
           f"second pass {r['seconds']['second_pass']:.3f} s)")
 
-  params = {"svf": svf_res[tasks[0]]["params"], "base": sum(math.prod(s.shape) for s in param_specs(model.config).values())}
-  if lora_res:
-    params["lora"] = lora_res[tasks[0]]["params"]
+  params = {"base": sum(math.prod(s.shape) for s in param_specs(model.config).values()),
+            **{row: r[tasks[0]]["params"] for row, r in runs.items() if row != "svf_ntp"}}
   # The timings above include compiling each pass's programs; time one dispatch strategy again, warm.
   warm = "prompt" if "prompt" in seconds else next(iter(seconds))
   timing = adapt_lib.adapt_and_evaluate(model, tokenizer, experts, heldout_tasks, warm, config, registry=registry,
@@ -126,8 +140,8 @@ def run(config, workdir) -> dict:
          "seconds": {"first_pass": timing["first_pass"], "second_pass": timing["second_pass"], "timed_strategy": warm,
                      "by_strategy_with_compile": seconds, "total": time.time() - t0},
          "dispatch_accuracy": dispatch, "classifier_test_accuracy": cls_res["test_accuracy"],
-         "adaptation": info, "expert_tasks": tasks, "heldout_tasks": heldout_tasks,
-         "expert_runs": {"svf": svf_res, "lora": lora_res}}
+         "adaptation": info, "expert_tasks": tasks, "heldout_tasks": heldout_tasks, "adapt_experts": adapt_row,
+         "objectives": {row: config.get(key) for row, _, key, _ in ROWS if row in runs}, "expert_runs": runs}
   write_results(workdir, out)
   print_table("training tasks: test accuracy (%)", train_tasks)
   print_table("held-out tasks, two-pass adaptation: test accuracy (%)", heldout)

@@ -47,12 +47,20 @@ def base_dir(config) -> Path:
 
 def registry_for(config) -> dict:
   """Configured suite tasks, named variants (config.data.variants: {name: {"task": T, **args}}, e.g. a
-  3-digit "addition_3d" the base never saw) and the classification task when the config defines one."""
-  from calm_jax.tasks import get_task
+  3-digit "addition_3d" the base never saw, or {"task": "interleaved", "of": [T, ...]}: prompts of the
+  configured tasks T mixed, each keeping its own split) and the classification task when the config
+  defines one."""
+  import copy
+
+  from calm_jax.tasks import Interleaved, get_task
   reg = task_registry(config)
   for name, spec in dict(config.data.get("variants", None) or {}).items():
     spec = dict(spec)
-    task = get_task(spec.pop("task"), **spec)
+    kind = spec.pop("task")
+    if kind == "interleaved":
+      reg[name] = Interleaved(name, [reg.get(t) or get_task(t) for t in spec.pop("of")], **spec)
+      continue
+    task = copy.copy(get_task(kind, **spec))  # without arguments get_task returns the shared default
     task.name = name  # its own name: its own splits and results column
     reg[name] = task
   cls = config.get("classifier", None)

@@ -41,7 +41,7 @@ def test_svf_suite_tiny(tiny_base_dir, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "held-out tasks" in proc.stdout and (tmp_path / "results.png").exists()
   res = json.loads((tmp_path / "results.json").read_text())
-  experts, held = ["addition", "max"], ["addition_3d", "count"]
+  experts, held = ["addition", "max"], ["addition_3d", "mixed"]
   assert set(res["train_tasks"]) == {"base", "svf", "lora"}
   for row in res["train_tasks"].values():
     assert set(row) == set(experts) and all(0 <= a <= 1 for a in row.values())
@@ -59,9 +59,19 @@ def test_svf_suite_tiny(tiny_base_dir, tmp_path):
   assert res["params"]["lora"] >= res["params"]["svf"]
   assert res["seconds"]["first_pass"] > 0 and res["seconds"]["second_pass"] > 0
   assert set(res["seconds"]["by_strategy_with_compile"]) == {"prompt", "classifier", "cem"}
-  # prompt dispatch sends addition_3d ("add:...") to the addition expert and count to the base
+  # prompt dispatch sends addition_3d ("add:...") to the addition expert, and each prompt of the mixed
+  # task by its own tag: add -> addition, max -> max, sub (no expert in the tiny suite) -> the base
   d = res["adaptation"]["prompt"]["dispatch"]
-  assert d["addition_3d"] == {"addition": 8} and d["count"] == {"None": 8}
+  assert d["addition_3d"] == {"addition": 8}
+  from calm_jax.tasks import make_eval_set
+  from configs.svf.suite import get_config
+  from svf.train import registry_for
+  mixed = make_eval_set(["mixed"], 8, split="test", seed=0, registry=registry_for(get_config("tiny")))
+  want = {}
+  for ex in mixed:
+    k = {"add": "addition", "max": "max", "sub": "None"}[ex.prompt.split(":")[0]]
+    want[k] = want.get(k, 0) + 1
+  assert d["mixed"] == want
   assert res["dispatch_accuracy"]["prompt"] >= 0.95
   cem = res["adaptation"]["cem"]
   for t in held:

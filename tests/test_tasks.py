@@ -244,3 +244,35 @@ def test_make_eval_set_caps_memorization_and_labels_domains():
     assert freq["kv_lookup"] == TASKS["kv_lookup"].n_keys and freq["sort"] == 100
     assert {e.domain_id for e in exs if e.task == "kv_lookup"} == {0}
     assert {e.domain_id for e in exs if e.task == "sort"} == {1}
+
+
+def test_interleaved_keeps_each_parts_split_and_tag():
+    """A mixed task's prompts come from every part, and each lies in the split its own part puts it
+    in, so a mixed test set holds no prompt that a part's training split (an expert's data) has."""
+    from calm_jax.tasks import Interleaved, split_of
+    parts = [get_task("addition", max_digits=2), get_task("max"), get_task("subtraction", max_digits=2)]
+    mixed = Interleaved("mixed", parts)
+    test = mixed.split("test", 300, seed=0)
+    tags = Counter(ex.prompt.split(":")[0] for ex in test)
+    assert tags == {"add": 100, "max": 100, "sub": 100}  # equal shares, whatever each part's prompt space
+    assert len({ex.prompt for ex in test}) == 300 and [e.prompt for e in test] != sorted(e.prompt for e in test)
+    assert len(Counter(ex.prompt.split(":")[0] for ex in mixed.split("val", 7, seed=1))) == 3
+    by_tag = {"add": "addition", "max": "max", "sub": "subtraction"}
+    for ex in test:
+        assert ex.task == "mixed" and split_of(by_tag[ex.prompt.split(":")[0]], ex.prompt) == "test"
+        assert mixed.verify(ex.answer, ex.answer)
+    # the same prompt under the mixed name alone would often land elsewhere: the split is the part's
+    assert any(split_of("mixed", ex.prompt) != "test" for ex in test)
+    assert mixed.max_prompt_chars == max(p.max_prompt_chars for p in parts)
+
+
+def test_interleaved_errors_name_the_culprit():
+    from calm_jax.tasks import Interleaved
+    with pytest.raises(ValueError, match="'addition' and 'addition_3d'.*'add'"):
+        a3 = get_task("addition", max_digits=3)
+        a3.name = "addition_3d"
+        Interleaved("m", [get_task("addition"), a3])
+    with pytest.raises(ValueError, match="at least one part"):
+        Interleaved("m", [])
+    with pytest.raises(ValueError, match="no part has the tag of 'rev:abc='"):
+        Interleaved("m", [get_task("addition")]).split_of("rev:abc=")

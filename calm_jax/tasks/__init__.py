@@ -7,7 +7,7 @@ formats, `Mixture`/`encode_batch` for training data and `evaluate` for exact-mat
 
 from __future__ import annotations
 
-from calm_jax.tasks.base import SPLIT_FRACTIONS, SPLITS, Example, Task, split_of
+from calm_jax.tasks.base import SPLIT_FRACTIONS, SPLITS, Example, Interleaved, Task, split_of
 from calm_jax.tasks.data import Mixture, encode_batch
 from calm_jax.tasks.evaluation import evaluate, make_eval_set
 from calm_jax.tasks.suite import (
@@ -30,6 +30,7 @@ __all__ = [
     "max_seq_len",
     "Example",
     "Task",
+    "Interleaved",
     "SPLITS",
     "SPLIT_FRACTIONS",
     "split_of",

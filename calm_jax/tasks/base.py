@@ -14,7 +14,7 @@ import zlib
 
 import numpy as np
 
-__all__ = ["Example", "Task", "SPLITS", "SPLIT_FRACTIONS", "split_of"]
+__all__ = ["Example", "Task", "Interleaved", "SPLITS", "SPLIT_FRACTIONS", "split_of"]
 
 SPLITS = ("train", "val", "test")
 # Fractions of the prompt space assigned to each split (by hash of the prompt).
@@ -124,3 +124,60 @@ class Task:
             if not k.startswith(("_", "max_prompt", "max_answer", "num_prompts")) and isinstance(v, (int, float, str))
         )
         return f"{type(self).__name__}({fields})"
+
+
+class Interleaved(Task):
+    """One task whose prompts are drawn uniformly from several tasks (e.g. a held-out "mixed"
+    task for Transformer²'s first pass: known skills, an unseen task).
+
+    A prompt keeps its own task's split and tag (the part before its first `:`), so
+    the mixed test set holds no prompt its parts put in a training split. Parts must have
+    distinct tags: the tag is how a prompt finds its part.
+    """
+
+    def __init__(self, name: str, parts: list[Task], probe_seed: int = 0):
+        if not parts:
+            raise ValueError(f"interleaved task {name!r} needs at least one part")
+        self.name = name
+        self.parts = list(parts)
+        self._by_tag: dict[str, Task] = {}
+        rng = np.random.default_rng(probe_seed)
+        for part in self.parts:
+            tag = self._tag(part.generate(rng)[0])
+            if tag in self._by_tag:
+                raise ValueError(f"interleaved task {name!r}: parts {self._by_tag[tag].name!r} and {part.name!r} "
+                                 f"share the prompt tag {tag!r}, so a prompt could not be traced to its part")
+            self._by_tag[tag] = part
+        self.memorization = any(p.memorization for p in self.parts)
+        self.max_prompt_chars = max(p.max_prompt_chars for p in self.parts)
+        self.max_answer_chars = max(p.max_answer_chars for p in self.parts)
+
+    @staticmethod
+    def _tag(prompt: str) -> str:
+        return prompt.split(":", 1)[0]
+
+    def part_of(self, prompt: str) -> Task:
+        try:
+            return self._by_tag[self._tag(prompt)]
+        except KeyError:
+            raise ValueError(f"interleaved task {self.name!r}: no part has the tag of {prompt!r}") from None
+
+    def generate(self, rng):
+        return self.parts[int(rng.integers(0, len(self.parts)))].generate(rng)
+
+    def split(self, name: str, n: int, seed: int = 0, unique: bool = True) -> list[Example]:
+        """`n` examples in equal shares (±1) from the parts' own `split(name, ., seed)`, shuffled: rejecting
+        repeats would otherwise favour the parts with larger prompt spaces."""
+        _check_split(name)
+        k = len(self.parts)
+        out = [Example(ex.prompt, ex.answer, self.name)
+               for i, part in enumerate(self.parts)
+               for ex in part.split(name, n // k + (i < n % k), seed=seed, unique=unique)]
+        order = np.random.default_rng([seed, zlib.crc32(self.name.encode()), SPLITS.index(name)]).permutation(len(out))
+        return [out[i] for i in order]
+
+    def split_of(self, prompt: str) -> str:
+        return self.part_of(prompt).split_of(prompt)
+
+    def in_split(self, prompt: str, split: str) -> bool:
+        return self.part_of(prompt).in_split(prompt, split)

@@ -13,8 +13,13 @@ from configs.common import parse_arg
 from configs.svf.common import add_svf
 
 EXPERT_TASKS = ("addition", "subtraction", "max")          # the base's three weakest tasks
-HELDOUT = ("addition_3d", "count", "kv_arithmetic", "sort")  # unseen variant, unseen, unseen, no expert
-VARIANTS = {"addition_3d": {"task": "addition", "max_digits": 3}}
+# Held-out: two harder variants of expert tasks (3-digit sums; max over 6-8 numbers where the base saw 3-5),
+# an unseen task made of the experts' skills (add / sub / max prompts interleaved, each keeping its own
+# split), and a task with no expert (the right first pass keeps the base).
+HELDOUT = ("addition_3d", "max_long", "mixed", "sort")
+VARIANTS = {"addition_3d": {"task": "addition", "max_digits": 3},
+            "max_long": {"task": "max", "min_count": 6, "max_count": 8},
+            "mixed": {"task": "interleaved", "of": list(EXPERT_TASKS)}}
 LABELS = {"add": "addition", "sub": "subtraction", "max": "max"}  # first-pass answer -> expert
 OTHER_TASKS = ("reverse", "sort", "copy", "uppercase", "kv_lookup")  # the classifier's "other" examples
 
@@ -34,7 +39,7 @@ def add_adapt(c, a):
   c.classifier = ml_collections.ConfigDict(dict(template="cls:{prompt}="))
   # The paper's CEM: population 32, 6 elites, initial mean 1/K, spread 0.5, clamp [0, 1]; 10 few-shot prompts.
   c.cem = ml_collections.ConfigDict(dict(population=32, elites=6, init_std=0.5, iters=10, n_shots=10, seed=0))
-  c.eval = ml_collections.ConfigDict(dict(n_per_task=100, split="test", batch_size=256))
+  c.eval = ml_collections.ConfigDict(dict(n_per_task=500, split="test", batch_size=256))
   if a.tiny:
     c.cem.iters = 2
     c.cem.n_shots = 4
