@@ -277,3 +277,34 @@ def test_bad_input():
     Composed(anchor, [aug], num_heads=3)
   with pytest.raises(ValueError, match="needs prompt_len"):
     Composed(anchor, [aug], aug_mode="encoder")(tokens(1, 4))
+
+
+def test_hidden_states_at_connected_layers():
+  """forward(return_hidden) gives the composed stream after each connected anchor layer: with zero
+  output the anchor's own layer outputs (anchor_hidden, checked against a layer-by-layer run of the
+  decoder), and with a live composition the last one is what the logits are read from."""
+  from calm_jax.calm.compose import anchor_hidden
+  m = composed(zero_output=True, augment_layers=[(2, 4, 8)], anchor_layers=[(0, 1, 4)])
+  toks = tokens(2, 9)
+  p = m.params()
+  logits, _, hidden = forward(m.spec, p, toks, return_hidden=True)
+  assert sorted(hidden) == [0, 1, 4]
+  want = anchor_hidden(m.spec, p["anchor"], toks)
+  cfg_a = m.spec.anchor
+  h = dec.embed(p["anchor"], toks)
+  pos = jnp.broadcast_to(jnp.arange(9), (2, 9))
+  ref = {0: h}
+  for layer in range(cfg_a.num_layers):
+    one = jax.tree.map(lambda x: x[layer:layer + 1], p["anchor"]["layers"])
+    h, _, _ = dec.run_layers(cfg_a, one, h, positions=pos, kv_valid=jnp.ones((2, 9), bool), cache=None,
+                             layer_ids=np.arange(layer, layer + 1))
+    ref[layer + 1] = h
+  for j in (0, 1, 4):
+    np.testing.assert_allclose(np.asarray(hidden[j]), np.asarray(ref[j]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(want[j]), np.asarray(ref[j]), rtol=1e-5, atol=1e-5)
+  live = composed(augment_layers=[(2, 4, 8)], anchor_layers=[(0, 1, 4)])
+  lp = live.params()
+  logits, _, hidden = forward(live.spec, lp, toks, return_hidden=True)
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(dec.unembed(live.spec.anchor, lp["anchor"], hidden[4])),
+                             rtol=1e-5, atol=1e-5)
+  assert float(jnp.max(jnp.abs(hidden[0] - ref[0]))) > 1e-3  # the live composition changes the stream

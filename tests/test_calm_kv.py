@@ -89,10 +89,11 @@ def test_lora_control_matches_parameter_count():
   assert abs(n - 40_000) <= per_rank / 2 and spec.rank == rank
 
 
-def test_experiment_tiny_end_to_end(tmp_path, fast_compile):
+@pytest.mark.parametrize("objective", ["twin", "paper"])
+def test_experiment_tiny_end_to_end(tmp_path, fast_compile, objective):
   from calm_jax.calm.kv_arithmetic import run
   from configs.calm.kv_arithmetic import get_config
-  config = get_config("tiny")  # batch 16 over the 8 fake devices' data axis
+  config = get_config(f"tiny,objective={objective}")  # batch 16 over the 8 fake devices' data axis
   out = run(config, tmp_path)
   saved = json.loads((tmp_path / "results.json").read_text())
   assert (tmp_path / "results.png").stat().st_size > 0
@@ -101,11 +102,21 @@ def test_experiment_tiny_end_to_end(tmp_path, fast_compile):
     assert all(0.0 <= v <= 1.0 for v in saved[model].values())
   assert saved["seconds"] > 0 and saved["calm"] == out["calm"]
   assert saved["held_in_keys"] == 4 and saved["n_keys"] == 20
-  # only the composition trained: its size is the ComposeParam count of one connection
-  # (norms, projection + bias, Q K V O, and the null slot's key: heads x head_dim = e_b)
+  # only the composition trained: its size is the ComposeParam count of the connections (norms,
+  # projection + bias, Q K V O, and the null slot's key: heads x head_dim = e_b); `twin` adds one
+  # into the anchor's embedding output
   e_a, e_b = config.m_a.model.hidden_size, config.m_b.model.hidden_size
   assert config.calm.compose.cross_null
-  assert saved["trained_params"] == e_a + e_a * e_b + e_b + e_b + 4 * e_b * e_b + e_b
+  n_conn = {"twin": 2, "paper": 1}[objective]
+  assert len(config.calm.compose.anchor_layers) == n_conn
+  assert saved["trained_params"] == n_conn * (e_a + e_a * e_b + e_b + e_b + 4 * e_b * e_b + e_b)
+  rows = [json.loads(line) for line in (tmp_path / "calm" / "metrics.jsonl").read_text().splitlines()]
+  if objective == "twin":  # the CALM stage's loss is the cross-entropy plus 100 x the logged twin term
+    assert tuple(config.calm.compose.anchor_layers)[0] == 0 and config.m_b.zero_key_embeddings
+    assert rows and all(np.isfinite(r["twin_match"]) and r["twin_match"] > 0 for r in rows)
+    assert all(abs(r["loss"] - (r["ce"] + 100.0 * r["twin_match"])) < 1e-3 * max(1.0, r["loss"]) for r in rows)
+  else:
+    assert rows and all("twin_match" not in r for r in rows)
 
 
 def test_value_probe_reads_linear_digits_and_not_noise():
@@ -181,3 +192,92 @@ def test_noisy_field_loss_blurs_only_number_fields(fast_compile):
       assert abs(blurred - plain) > 1e-4
     else:  # a substitution prompt has no `#` or digit before its answer: nothing to blur
       assert blurred == pytest.approx(plain, rel=1e-6)
+
+
+def test_numeric_twin_writes_each_key_as_its_number():
+  t = KeyValueTable(30, 3, 0.2, seed=2)
+  tok = t.tokenizer()
+  k1, k2 = t.keys[3], t.keys[17]
+  prompts = [t.key_text(k1) + "+" + t.key_text(k2) + "=", t.number_text(7) + "+" + t.number_text(12) + "="]
+  ids = np.asarray([tok.encode(p) for p in prompts])
+  twin = t.numeric_twin(tok, ids)
+  want = [t.number_text(t.values[k1]) + "+" + t.number_text(t.values[k2]) + "=", prompts[1]]
+  assert [tok.decode(list(r)) for r in twin] == want
+
+
+def test_twin_loss_matches_numpy(fast_compile):
+  """The twin term against numpy: relative squared error of the composed stream to the anchor's own
+  stream on the twin, summed over connected layers, over valid positions of the selected rows."""
+  import jax
+  import jax.numpy as jnp
+  from calm_jax.calm import Composed
+  from calm_jax.calm.compose import anchor_hidden, forward
+  from calm_jax.calm.kv_arithmetic import twin_loss
+  from calm_jax.experiment import build_decoder
+  from calm_jax.train import lm_loss
+  from configs.calm.kv_arithmetic import get_config
+  c = get_config("tiny")
+  t = KeyValueTable(20, 3, 0.2, seed=0)
+  tok = t.tokenizer()
+  m = Composed(build_decoder(c.m_b.model, tok, 2), [build_decoder(c.m_a.model, tok, 1)], seed=0, zero_output=False,
+               augment_layers=[(1, 2)], anchor_layers=[(0, 2)])
+  reg = kv_registry(t)
+  exs = [reg["held_in"]["kv_arithmetic"].sample(np.random.default_rng(i)) for i in range(3)]
+  exs.append(reg["all"]["numeric_arithmetic"].sample(np.random.default_rng(9)))
+  from calm_jax.tasks import encode_batch
+  batch = encode_batch(exs, tok, 16)
+  batch["twin"] = t.numeric_twin(tok, batch["inputs"])
+  rows = np.asarray([1, 0, 1, 1], np.float32)
+  loss, metrics = twin_loss(0.5, lambda b: rows)(m, batch, jax.random.key(0))
+  p = m.params()
+  valid = np.asarray(batch["attention_mask"]).astype(bool)
+  logits, _, hid = forward(m.spec, p, jnp.asarray(batch["inputs"]), valid=jnp.asarray(valid), return_hidden=True)
+  tgt = anchor_hidden(m.spec, p["anchor"], jnp.asarray(batch["twin"]), valid=jnp.asarray(valid))
+  w = (valid * rows[:, None])[..., None]
+  match = sum(float(np.sum(w * (np.asarray(hid[j]) - np.asarray(tgt[j])) ** 2) / np.sum(w * np.asarray(tgt[j]) ** 2))
+              for j in (0, 2))
+  ce = float(lm_loss(logits, batch["targets"], batch["loss_mask"])[0])
+  assert match > 0.01
+  np.testing.assert_allclose(float(metrics["twin_match"]), match, rtol=1e-4)
+  np.testing.assert_allclose(float(loss), ce + 0.5 * match, rtol=1e-4)
+  # `layers`: only those connected layers' terms
+  _, m0 = twin_loss(0.5, lambda b: rows, layers=(0,))(m, batch, jax.random.key(0))
+  match0 = float(np.sum(w * (np.asarray(hid[0]) - np.asarray(tgt[0])) ** 2) / np.sum(w * np.asarray(tgt[0]) ** 2))
+  np.testing.assert_allclose(float(m0["twin_match"]), match0, rtol=1e-4)
+  assert match0 < match
+  # a numeric row alone: its twin is itself, so the term is the composition's own change of the stream
+  only_numeric = np.asarray([0, 0, 0, 1], np.float32)
+  _, m2 = twin_loss(1.0, lambda b: only_numeric)(m, batch, jax.random.key(0))
+  zero = Composed(m.anchor, m.augments, seed=0, zero_output=True, augment_layers=[(1, 2)], anchor_layers=[(0, 2)])
+  _, m3 = twin_loss(1.0, lambda b: only_numeric)(zero, batch, jax.random.key(0))
+  assert float(m2["twin_match"]) > 1e-4 and float(m3["twin_match"]) < 1e-10
+
+
+def test_zero_key_embeddings_touch_only_key_rows(fast_compile):
+  """The anchor with its key rows zeroed: those rows are 0, every other parameter is bit-identical,
+  and on a prompt without keys its logits are unchanged."""
+  import jax
+  import jax.numpy as jnp
+  from calm_jax.calm.kv_arithmetic import zero_embeddings
+  from calm_jax.experiment import build_decoder
+  from calm_jax.models import decoder as dec
+  from configs.calm.kv_arithmetic import get_config
+  t = KeyValueTable(20, 3, 0.2, seed=0)
+  tok = t.tokenizer()
+  m = build_decoder(get_config("tiny").m_b.model, tok, 2)
+  z = zero_embeddings(m, t.key_token_ids(tok))
+  ids = t.key_token_ids(tok)
+  assert len(ids) == 20 and len(set(ids)) == 20
+  before, after = m.params(), z.params()
+  assert float(jnp.max(jnp.abs(before["embed"][jnp.asarray(ids)]))) > 0
+  assert float(jnp.max(jnp.abs(after["embed"][jnp.asarray(ids)]))) == 0.0
+  keep = np.setdiff1d(np.arange(before["embed"].shape[0]), ids)
+  np.testing.assert_array_equal(np.asarray(before["embed"])[keep], np.asarray(after["embed"])[keep])
+  for a, b in zip(jax.tree.leaves({k: v for k, v in before.items() if k != "embed"}),
+                  jax.tree.leaves({k: v for k, v in after.items() if k != "embed"})):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  numeric = jnp.asarray([tok.encode(t.number_text(7) + "+" + t.number_text(12) + "=")])
+  np.testing.assert_array_equal(np.asarray(dec.forward(m.config, before, numeric)[0]),
+                                np.asarray(dec.forward(z.config, after, numeric)[0]))
+  keyed = jnp.asarray([tok.encode(t.key_text(t.keys[0]) + "+" + t.number_text(12) + "=")])
+  assert not np.allclose(np.asarray(dec.forward(m.config, before, keyed)[0]), np.asarray(dec.forward(z.config, after, keyed)[0]))

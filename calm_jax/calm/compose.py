@@ -227,8 +227,9 @@ def augment_states(spec: CompositionSpec, params, tokens, *, positions, valid, c
 
 
 def forward(spec: CompositionSpec, params, tokens, *, valid=None, positions=None, aug_valid=None,
-            cache: CalmCache | None = None, run_augments: bool = True):
-  """Composed logits [B, T, V] (fp32) for tokens [B, T]; returns (logits, new cache or None).
+            cache: CalmCache | None = None, run_augments: bool = True, return_hidden: bool = False):
+  """Composed logits [B, T, V] (fp32) for tokens [B, T]; returns (logits, new cache or None), and with
+  `return_hidden` also {anchor layer j: its composed output [B, T, E]} for every connected j.
 
   valid: [B, T] padding mask; aug_valid: which of these positions m_A's states may be read at
   (default valid; the encoder ablation masks the answer). With a cache, the T tokens go to
@@ -286,7 +287,10 @@ def forward(spec: CompositionSpec, params, tokens, *, valid=None, positions=None
     u = sum(updates[1:], updates[0])
     return h + (cap_update(u, h, params["anchor"]["embed"], spec.update_cap) if spec.update_cap else u)
 
+  hidden = {}
   h = compose_at(0, dec.embed(params["anchor"], tokens))  # anchor layer 0: the embedding output
+  if 0 in at:
+    hidden[0] = h
   new_anchor = []
   for n, (s, e) in enumerate(_segments(spec)):
     layers = jax.tree.map(lambda x: x[s:e], params["anchor"]["layers"])
@@ -295,12 +299,29 @@ def forward(spec: CompositionSpec, params, tokens, *, valid=None, positions=None
                               layer_ids=np.arange(s, e))
     new_anchor.append(kv)
     h = compose_at(e, h)
+    if at.get(e):
+      hidden[e] = h
   logits = dec.unembed(a, params["anchor"], h)
-  if cache is None:
-    return logits, None
-  new = CalmCache(tuple(new_anchor), tuple(aug_caches), tuple(cross_k), tuple(cross_v), kv_valid, cross_valid,
-                  index + t)
-  return logits, new
+  new = None if cache is None else CalmCache(tuple(new_anchor), tuple(aug_caches), tuple(cross_k), tuple(cross_v),
+                                             kv_valid, cross_valid, index + t)
+  return (logits, new, hidden) if return_hidden else (logits, new)
+
+
+def anchor_hidden(spec: CompositionSpec, anchor_params, tokens, *, valid=None) -> dict[int, jax.Array]:
+  """The anchor alone: {j: its layer-j output [B, T, E]} at the layers the composition writes into."""
+  a = spec.anchor
+  b, t = tokens.shape
+  valid = jnp.ones((b, t), bool) if valid is None else valid.astype(bool)
+  positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+  wanted = {j for conns in spec.connections for _, j in conns}
+  h = dec.embed(anchor_params, tokens)
+  out = {0: h} if 0 in wanted else {}
+  for s, e in _segments(spec):
+    layers = jax.tree.map(lambda x: x[s:e], anchor_params["layers"])
+    h, _, _ = dec.run_layers(a, layers, h, positions=positions, kv_valid=valid, cache=None, layer_ids=np.arange(s, e))
+    if e in wanted:
+      out[e] = h
+  return out
 
 
 def prompt_mask(valid, prompt_len):

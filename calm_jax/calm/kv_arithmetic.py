@@ -45,6 +45,33 @@ def calm_batch_loss(model, batch, rng):
   return lm_loss(logits, batch["targets"], batch["loss_mask"])
 
 
+def twin_loss(weight: float, rows_of, layers=None):
+  """CALM's loss plus `weight` × a hidden-state match (an option, `calm.twin_loss`; not in the paper):
+  on rows with keys or numbers (`rows_of(batch)`: [B] 0/1), the composed anchor's output at every
+  connected layer j is pulled toward the anchor's own layer-j output on the prompt's numeric twin
+  (`KeyValueTable.numeric_twin`, batch["twin"]), relative squared error over valid positions
+  (`layers`: only these connected layers; None: all):
+
+    L = CE + w · Σ_j Σ_{b,t} r_b ‖h_j − h*_j‖² / Σ_{b,t} r_b ‖h*_j‖².
+
+  The twin carries only held-in keys' values (those D_C's answers already imply). It asks the
+  composition for the anchor's reading of each operand where the anchor reads it, the target that
+  CE alone reaches only through the anchor's arithmetic."""
+  from calm_jax.calm.compose import anchor_hidden, forward
+
+  def loss(model, batch, rng):
+    spec, p = model.spec, model.params()
+    valid = jnp.asarray(batch["attention_mask"]).astype(bool)
+    logits, _, hidden = forward(spec, p, jnp.asarray(batch["inputs"]), valid=valid, return_hidden=True)
+    ce, metrics = lm_loss(logits, batch["targets"], batch["loss_mask"])
+    target = anchor_hidden(spec, jax.lax.stop_gradient(p["anchor"]), jnp.asarray(batch["twin"]), valid=valid)
+    w = (valid * jnp.asarray(rows_of(batch), jnp.float32)[:, None])[..., None]
+    match = sum(jnp.sum(w * (hidden[j] - target[j]) ** 2) / jnp.maximum(jnp.sum(w * target[j] ** 2), 1e-9)
+                for j in hidden if layers is None or j in layers)
+    return ce + weight * match, {**metrics, "ce": ce, "twin_match": match}
+  return loss
+
+
 def noisy_field_loss(field_ids, prob: float, noise_std: float):
   """m_B's loss with its number fields blurred (an option, `m_b.field_noise`): in a random `prob` of
   the rows every prompt token in `field_ids` (`#` and the digits) is fed as (1 − α)·embedding + α·n,
@@ -108,6 +135,27 @@ def _with_slot_targets(batch_fn, table, tokenizer, domains):
   return fn
 
 
+def zero_embeddings(model, token_ids):
+  """`model` with the input-embedding rows of `token_ids` set to zero (`m_b.zero_key_embeddings`).
+
+  m_B never sees a key, so those rows get no gradient and keep their random init (decayed): noise
+  that the anchor normalises to full scale wherever a key stands. Zeroing them after training equals
+  initialising them at zero (a zero row gets no gradient and no decay), so the anchor reads a key
+  as nothing, and the composition can write `#` there for keys it never trained on."""
+  p = model.params()
+  p["embed"] = p["embed"].at[jnp.asarray(token_ids)].set(0)
+  return dec.Decoder(model.config, params=p)
+
+
+def _with_twin(batch_fn, table, tokenizer):
+  """CALM's batches with each row's numeric twin (`twin_loss`)."""
+  def fn(step):
+    batch = batch_fn(step)
+    batch["twin"] = table.numeric_twin(tokenizer, batch["inputs"])
+    return batch
+  return fn
+
+
 def _decoder_generate(model):
   from calm_jax.decoding import generate
   return lambda prompts, n: generate(model, prompts, max_new_tokens=n)
@@ -135,6 +183,8 @@ def run(config, workdir) -> dict:
     batch_fn = _batches(dict(tasks), registry, seed + init_offset, int(c.batch_size), tokenizer, seq_len)
     if c.get("slot_fill", False):
       batch_fn = _with_slot_targets(batch_fn, table, tokenizer, sorted(tasks))
+    if part == "calm" and float(c.get("twin_loss", 0.0)) > 0:
+      batch_fn = _with_twin(batch_fn, table, tokenizer)
     return train(model, loss_fn=loss_fn, batch_fn=batch_fn, config=c, workdir=workdir / part,
                  meta={"part": part, "seed": seed}).model
 
@@ -153,6 +203,8 @@ def run(config, workdir) -> dict:
     m_b_loss = noisy_field_loss(tokenizer.encode("#0123456789"), float(config.m_b.field_noise),
                                 float(config.m_b.model.init_std))
   m_b = fit(m_b, "m_b", {"numeric_arithmetic": 1.0}, registries["all"], m_b_loss, 2)
+  if config.m_b.get("zero_key_embeddings", False):
+    m_b = zero_embeddings(m_b, table.key_token_ids(tokenizer))
 
   examples = _eval_sets(config, registries)
   bs = int(config.eval.batch_size)
@@ -171,7 +223,13 @@ def run(config, workdir) -> dict:
     results["calm"] = _score(_decoder_generate(model.merged()), tokenizer, examples, registries, bs)
   else:
     model = Composed(m_b, [m_a], seed=seed, **_compose_kwargs(config))
-    model = fit(model, "calm", tasks, registries["held_in"], calm_batch_loss, 3)
+    loss_fn = calm_batch_loss
+    if float(config.calm.get("twin_loss", 0.0)) > 0:
+      # the twin match on every row but substitution's (its twin ends in `>`, a prompt the anchor never saw)
+      sub = sorted(tasks).index("kv_substitution") if "kv_substitution" in tasks else -1
+      layers = tuple(config.calm.get("twin_layers", ()) or ()) or None
+      loss_fn = twin_loss(float(config.calm.twin_loss), lambda b: jnp.asarray(b["domain"]) != sub, layers)
+    model = fit(model, "calm", tasks, registries["held_in"], loss_fn, 3)
     trained = int(sum(np.size(x) for x in jax.tree.leaves(model.compose_params())))
     spec, params = model.spec, model.params()
     gen = lambda prompts, n: calm_generate(spec, params, prompts, max_new_tokens=n)

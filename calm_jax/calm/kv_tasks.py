@@ -139,6 +139,21 @@ class KeyValueTable:
         mask[run] = 1.0
     return targets, mask
 
+  def key_token_ids(self, tokenizer) -> list[int]:
+    """The vocabulary ids of the key tokens ("fields")."""
+    if self.fmt != "fields":
+      raise ValueError(f"key tokens exist only in the 'fields' format, not {self.fmt!r}")
+    return [tokenizer.encode(chr(_KEY_BASE + i))[0] for i in range(self.n_keys)]
+
+  def numeric_twin(self, tokenizer, inputs) -> np.ndarray:
+    """Token ids [B, T] with every key written as its number ("fields"): a key's token becomes `#`
+    and its blank slots its zero-padded value digits. Position for position, the prompt the anchor
+    can already answer (`{qzf}___+{abc}___=` -> `#017+#042=`); number-only rows are unchanged."""
+    inputs = np.asarray(inputs)
+    targets, mask = self.slot_targets(tokenizer, inputs)
+    twin = np.where(mask > 0, targets, inputs)
+    return np.where(np.isin(inputs, self.key_token_ids(tokenizer)), tokenizer.encode("#")[0], twin).astype(inputs.dtype)
+
   def subset(self, which: str) -> tuple[str, ...]:
     if which not in KEY_SETS:
       raise ValueError(f"unknown key set {which!r}; expected one of {KEY_SETS}")
