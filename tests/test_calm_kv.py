@@ -240,6 +240,14 @@ def test_twin_loss_matches_numpy(fast_compile):
   assert match > 0.01
   np.testing.assert_allclose(float(metrics["twin_match"]), match, rtol=1e-4)
   np.testing.assert_allclose(float(loss), ce + 0.5 * match, rtol=1e-4)
+  # the encoder ablation: m_A reads only the prompt, in the twin loss as in the model's own forward
+  enc = Composed(m.anchor, m.augments, seed=0, zero_output=False, augment_layers=[(1, 2)], anchor_layers=[(0, 2)],
+                 aug_mode="encoder")
+  _, me = twin_loss(0.5, lambda b: rows)(enc, batch, jax.random.key(0))
+  enc_ce = float(lm_loss(enc(batch["inputs"], batch["attention_mask"], batch["prompt_len"]), batch["targets"],
+                         batch["loss_mask"])[0])
+  np.testing.assert_allclose(float(me["ce"]), enc_ce, rtol=1e-5)
+  assert abs(enc_ce - ce) > 1e-4  # the prompt-only read differs from the iterative one
   # `layers`: only those connected layers' terms
   _, m0 = twin_loss(0.5, lambda b: rows, layers=(0,))(m, batch, jax.random.key(0))
   match0 = float(np.sum(w * (np.asarray(hid[0]) - np.asarray(tgt[0])) ** 2) / np.sum(w * np.asarray(tgt[0]) ** 2))

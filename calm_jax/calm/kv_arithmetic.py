@@ -57,12 +57,14 @@ def twin_loss(weight: float, rows_of, layers=None):
   The twin carries only held-in keys' values (those D_C's answers already imply). It asks the
   composition for the anchor's reading of each operand where the anchor reads it, the target that
   CE alone reaches only through the anchor's arithmetic."""
-  from calm_jax.calm.compose import anchor_hidden, forward
+  from calm_jax.calm.compose import anchor_hidden, forward, prompt_mask
 
   def loss(model, batch, rng):
     spec, p = model.spec, model.params()
     valid = jnp.asarray(batch["attention_mask"]).astype(bool)
-    logits, _, hidden = forward(spec, p, jnp.asarray(batch["inputs"]), valid=valid, return_hidden=True)
+    aug_valid = prompt_mask(valid, jnp.asarray(batch["prompt_len"])) if spec.aug_mode == "encoder" else None
+    logits, _, hidden = forward(spec, p, jnp.asarray(batch["inputs"]), valid=valid, aug_valid=aug_valid,
+                                return_hidden=True)
     ce, metrics = lm_loss(logits, batch["targets"], batch["loss_mask"])
     target = anchor_hidden(spec, jax.lax.stop_gradient(p["anchor"]), jnp.asarray(batch["twin"]), valid=valid)
     w = (valid * jnp.asarray(rows_of(batch), jnp.float32)[:, None])[..., None]
