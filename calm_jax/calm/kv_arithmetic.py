@@ -4,7 +4,9 @@
    value into the key's blank slots); m_B (larger) learns numeric arithmetic
    and never sees a key. Both from scratch, with the core trainer.
 2. CALM composes them (both frozen) and trains only the composition on D_C: KV-arithmetic
-   (and KV-substitution) over the held-in 20% of the keys.
+   (and KV-substitution) over the held-in 20% of the keys; with `calm.twin_loss` its loss also
+   pulls the composed anchor toward the anchor's own reading of each prompt's numeric twin, and
+   with `m_b.zero_key_embeddings` the anchor's key-token rows are zero (docs/calm.md, "Session 6").
 3. All three are scored (greedy, exact match) on KV-substitution and numeric arithmetic
    (test splits) and on KV-arithmetic over expressions built only from held-out keys.
 
@@ -46,7 +48,8 @@ def calm_batch_loss(model, batch, rng):
 
 
 def twin_loss(weight: float, rows_of, layers=None):
-  """CALM's loss plus `weight` × a hidden-state match (an option, `calm.twin_loss`; not in the paper):
+  """CALM's loss plus `weight` × a hidden-state match (`calm.twin_loss`, on in the config's default
+  `:objective=twin`; not in the paper):
   on rows with keys or numbers (`rows_of(batch)`: [B] 0/1), the composed anchor's output at every
   connected layer j is pulled toward the anchor's own layer-j output on the prompt's numeric twin
   (`KeyValueTable.numeric_twin`, batch["twin"]), relative squared error over valid positions
