@@ -219,8 +219,8 @@ def main(argv=None):
   ap.add_argument("--runs", type=int, default=2, help="rounds (each runs every merge once); medians over them")
   ap.add_argument("--max-minutes", type=float, default=15,
                   help="start no further round when it would end past this many minutes of merging")
-  ap.add_argument("--only", default="ta,ties,metagpt,ta_fast,metagpt_fast",
-                  help="comma-separated subset of ta,ties,metagpt and their _fast variants (low_memory=False)")
+  ap.add_argument("--only", default="ta,ties,metagpt,ta_low",
+                  help="comma-separated subset of ta,ties,metagpt and their _low variants (low_memory=True)")
   ap.add_argument("--tmp", default=None, help="parent of the temporary directory (default: the system's)")
   ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
   ap.add_argument("--no-drop", action="store_true", help="do not drop the page cache before timed runs")
@@ -275,9 +275,10 @@ def main(argv=None):
                  lambda o: theirs(ties_yml, o)),
         "metagpt": (lambda o: ours("metagpt.py", o), None),  # mergekit side built from our λ's
     }
-    # "_fast": the same merge with glibc's allocator left as it is (--config.low_memory=False)
+    # ours runs under launch.merge's tuned allocator (calm_jax/malloc.py); "_low": the same merge with
+    # --config.low_memory=True (glibc returns freed buffers at once: the smallest peak RSS)
     for c in ("ta", "ties", "metagpt"):
-      pairs[c + "_fast"] = (lambda o, c=c: pairs[c][0](o) + ["--config.low_memory=False"], pairs[c][1])
+      pairs[c + "_low"] = (lambda o, c=c: pairs[c][0](o) + ["--config.low_memory=True"], pairs[c][1])
     times = {k: [] for k in ["io"] + [f"{c}_{s}" for c in cases for s in ("ours", "mk")]}
     rss = {k: [] for k in times}
     dropped_all, diffs, lambdas, load = True, {}, None, [os.getloadavg()[0]]
@@ -375,7 +376,7 @@ def _append(result, args, n_params, in_bytes, out_bytes, med, mrss, times, diffs
   gib = 2 ** 30
   names = {"ta": "task_arithmetic (w 1,1,1, λ 0.5)", "ties": "TIES, mergekit convention, density 0.5",
            "metagpt": "MetaGPT vs mergekit task_arithmetic with weight λ_t"}
-  names.update({c + "_fast": names[c] + ", `low_memory=False`" for c in list(names)})
+  names.update({c + "_low": names[c] + ", `low_memory=True`" for c in list(names)})
   rows = []
   for c in [k[:-5] for k in med if k.endswith("_ours")]:
     rows.append(f"| {names[c]} | {med[c + '_ours']:.1f} | {med[c + '_mk']:.1f} | "
@@ -400,6 +401,7 @@ def _append(result, args, n_params, in_bytes, out_bytes, med, mrss, times, diffs
   {'dropped before every run' if dropped else 'warm for every run (could not drop it)'};
   median of {args.runs} round(s); mergekit: `mergekit-yaml --lazy-unpickle --no-copy-tokenizer
   --no-write-model-card`, CPU, `dtype: float32`, `out_dtype: bfloat16`; ours: `python -m launch.merge`
+  (under its tuned glibc allocator, `calm_jax/malloc.py`)
 - I/O floor (read every input byte once, write {out_bytes / 1e9:.2f} GB): median {med['io']:.1f} s
   of {[round(t, 1) for t in times['io']]}, peak RSS {mrss['io'] / gib:.2f} GiB
 - code: {git}; command: `{cmd.strip()}`

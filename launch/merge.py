@@ -3,6 +3,8 @@
   python -m launch.merge --config=configs/merge/<method>.py[:variant] --config.base=DIR \
       --config.models=DIR1,DIR2 --config.out=DIR [--config.overwrite] [--config.<option>=...]
   python -m launch.merge --mergekit_yaml=FILE.yml --out=DIR [--overwrite] [--seed=N]
+
+It re-executes itself once under a tuned glibc allocator (calm_jax/malloc.py: ~1.6x faster).
 """
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -38,4 +40,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from calm_jax.malloc import reexec_tuned
+  reexec_tuned("launch.merge")
   app.run(main)

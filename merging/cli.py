@@ -33,4 +33,4 @@ def run_config(c) -> Path:
     raise MergeError(f"set {', '.join('--config.' + k for k in missing)}")
   return merge_checkpoints(c.base, _list(c.models, "models"), c.out, c.method, overwrite=c.overwrite,
                            max_shard_size=c.max_shard_size, progress=c.progress, mesh=c.mesh or None,
-                           low_memory=c.get("low_memory", True), **options_from_config(c))
+                           low_memory=c.get("low_memory"), **options_from_config(c))

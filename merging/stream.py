@@ -21,7 +21,6 @@ process when the call returns.
 """
 from __future__ import annotations
 
-import ctypes
 import functools
 import json
 import shutil
@@ -32,6 +31,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from calm_jax import malloc
 from calm_jax.atomic import atomic_dir, check_writable
 from calm_jax.hf import AUX_FILES
 from calm_jax.safetensors_io import BackgroundWriter, CheckpointReader, ShardedWriter
@@ -39,24 +39,6 @@ from merging.engine import Merger, is_float
 from merging.options import MergeError, resolve_checked
 
 REPORT_NAME = "merge_report.json"
-
-
-def return_freed_memory() -> None:
-  """Makes glibc give freed tensor-sized blocks back to the OS at once (no-op elsewhere): the
-  `low_memory` merge (the default).
-
-  Without it, per-thread malloc arenas keep the fp32 temporaries of earlier tensors and peak RSS
-  is ~19x the largest tensor instead of ~11x (tests/test_merging_memory.py). With it, every
-  large buffer is a fresh mapping that the kernel zero-fills again for every tensor: the 0.48B
-  benchmark merge takes ~20-35% longer. Allocations >= 64 KiB are mmap'ed (freed on free), and
-  the heap is trimmed whenever its top is free. Process-wide and not undone.
-  """
-  try:
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-1, 0)        # M_TRIM_THRESHOLD
-    libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
-  except (OSError, AttributeError):
-    pass
 
 
 class CheckpointSource:
@@ -128,20 +110,23 @@ def to_host(x) -> np.ndarray:
 
 def merge_checkpoints(base, models: Sequence, out, method: str = "metagpt", *, overwrite: bool = False,
                       max_shard_size="2GB", progress: bool = True, mesh=None, pipeline: bool = True,
-                      low_memory: bool = True, **options) -> Path:
+                      low_memory: bool | None = None, **options) -> Path:
   """Merges HF checkpoint directories `models` onto `base` into the HF directory `out`.
 
   Options are those of `merging.merge` (method, weights, lam, density, drop_rate, sparsify,
   convention, trim, vote, normalize, rescale, seed, include, exclude, vocab_policy, out_dtype).
   `mesh` ("all" or a `jax.sharding.Mesh`; default one device) shards each tensor over the devices.
   `pipeline=False` reads, computes and writes one tensor after the other (the serial reference;
-  same output). `low_memory=False` leaves glibc's allocator as it is: faster, more peak RSS (`return_freed_memory`).
+  same output). `low_memory=True` makes glibc return freed buffers at once: the smallest peak RSS,
+  the slowest (`calm_jax.malloc`); None (default): True unless the process started under the
+  tuned allocator (`launch.merge` does), which is faster at a small peak RSS already.
   Returns `out`. Raises `MergeError` / `CheckpointError` on bad input before any output exists.
   """
   main = jax.process_index() == 0
   out = check_writable(out, overwrite)  # on every process, so all fail alike before any collective
+  low_memory = not malloc.is_tuned() if low_memory is None else low_memory
   if low_memory:
-    return_freed_memory()
+    malloc.return_freed_memory()
   base_dir, model_dirs = Path(base), [Path(m) for m in models]
   for d in (base_dir, *model_dirs):
     if d.absolute() == out:
@@ -152,6 +137,7 @@ def merge_checkpoints(base, models: Sequence, out, method: str = "metagpt", *, o
                   prefetch=pipeline)
   merger.report.set_models(model_dirs)
   merger.report.data["base"] = str(base_dir)
+  merger.report.data["allocator"] = "low_memory" if low_memory else "tuned" if malloc.is_tuned() else "default"
   merger.prepare()  # statistics passes: before the output directory exists
   out_dtype = merger.opts.out_dtype
   specs = [(p.name, p.shape, np.dtype(out_dtype) if out_dtype and is_float(p.dtype) else p.dtype)

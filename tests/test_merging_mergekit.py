@@ -125,6 +125,15 @@ def max_diff(a_dir, b_dir):
     return max(float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) for k in a)
 
 
+def test_cli_runs_under_the_tuned_allocator(merged):
+    """`python -m launch.merge` re-executes itself under calm_jax.malloc.TUNED (glibc Linux), so its
+    merge keeps freed buffers for reuse (low_memory unset -> False); the report says so."""
+    import platform
+    report = json.loads((merged["metagpt_ext"][0] / "merge_report.json").read_text())
+    tuned = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc" and "GLIBC_TUNABLES" not in os.environ
+    assert report["allocator"] == ("tuned" if tuned else "low_memory")
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_equals_mergekit(merged, case):
     ours_dir, mk_dir, report, _ = merged[case]

@@ -37,8 +37,9 @@ def merge_config(method: str, **options) -> ml_collections.ConfigDict:
   c.max_shard_size = "2GB"
   c.progress = True
   c.mesh = ""            # "" one device; "all": every tensor split over all devices (and hosts)
-  c.low_memory = True    # glibc returns freed memory at once: peak RSS ~11x the largest tensor; False: ~20-25x,
-                         # 20-35% faster (merging/stream.py: return_freed_memory)
+  # True: glibc returns freed buffers at once (peak RSS ~11x the largest tensor, slowest); False: it keeps
+  # them; unset: False under launch.merge's tuned allocator (~15-17x, fastest), else True (calm_jax/malloc.py)
+  c.low_memory = ml_collections.config_dict.placeholder(bool)
   for k, v in {**OPTIONS, **options}.items():
     c[k] = v
   return c
