@@ -13,8 +13,12 @@ interface); ours reads it under the causal cross mask: the same amount of work.
 Both are warmed up, then timed alternately in blocks of `--steps`; medians over `--runs`.
 torch uses `torch.set_num_threads(os.cpu_count())`.
 
+`--sweep` adds rows at other sizes (smaller models; a longer sequence). Each row states the step's
+matmul FLOPs (`step_flops`, from the shapes) and both sides' GFLOP/s beside the machine's fp32
+matmul rate, so a compute-bound size shows as such.
+
 Appends a section to docs/benchmarks.md and prints one JSON object as the last line.
-Run: `.venv/bin/python benchmarks/calm.py` (`--small` for a quick smoke run).
+Run: `.venv/bin/python benchmarks/calm.py [--sweep]` (`--small` for a quick smoke run).
 """
 from __future__ import annotations
 
@@ -48,6 +52,8 @@ def main(argv=None):
   ap.add_argument("--steps", type=int, default=5, help="steps per timed block")
   ap.add_argument("--runs", type=int, default=5)
   ap.add_argument("--small", action="store_true", help="tiny sizes, a smoke run (nothing written)")
+  ap.add_argument("--sweep", action="store_true",
+                  help="also run the SWEEP sizes (smaller models, a longer sequence): one row each")
   ap.add_argument("--no-write", action="store_true", help="do not append to docs/benchmarks.md")
   args = ap.parse_args(argv)
   if args.small:
@@ -61,10 +67,81 @@ def main(argv=None):
   ncpu = os.cpu_count()
   torch.set_num_threads(ncpu)
   load_before = os.getloadavg()[0]
+  peaks = _matmul_peaks()
+  sizes = [args] + ([argparse.Namespace(**{**vars(args), **s}) for s in SWEEP] if args.sweep else [])
+  rows = [_measure(a) for a in sizes]
+  load = (load_before, os.getloadavg()[0])
+  main_row = rows[0]
+  result = {"steps_per_s_ours": round(1 / main_row["ours"], 3),
+            "steps_per_s_calm_pytorch": round(1 / main_row["theirs"], 3),
+            "speedup_vs_calm_pytorch": round(main_row["theirs"] / main_row["ours"], 2),
+            "compile_s_ours": round(main_row["compile_s"], 2), "gflop_per_step": round(main_row["flops"] / 1e9, 1)}
+  if len(rows) > 1:
+    result["speedup_sweep"] = [round(r["theirs"] / r["ours"], 2) for r in rows[1:]]
+  dev = jax.devices()[0]
+  if dev.platform == "gpu":
+    peak = _peak_flops(dev)
+    if peak:
+      result["mfu_ours"] = round(main_row["flops"] / main_row["ours"] / peak, 4)
+  print(f"fp32 matmul peak (1024x512 @ 512x2048): XLA {peaks[0]:.0f} GFLOP/s, torch {peaks[1]:.0f} GFLOP/s; "
+        f"1-min load average before/after: {load[0]:.1f} / {load[1]:.1f}")
+  if not args.no_write and not args.small:
+    _append(result, rows, ncpu, load, peaks)
+  print(json.dumps(result))
+
+
+# Further sizes for --sweep (overrides of the defaults): smaller models, where per-operation overhead
+# weighs more, and a longer sequence at a smaller batch, where attention does.
+SWEEP = [
+    dict(anchor_dim=128, anchor_layers=4, anchor_heads=4, aug_dim=64, aug_layers=4, aug_heads=2, seq=64),
+    dict(anchor_dim=256, anchor_layers=8, anchor_heads=4, aug_dim=128, aug_layers=8, aug_heads=2),
+    dict(batch=2, seq=512),
+]
+
+
+def step_flops(a) -> float:
+  """Matmul FLOPs of one training step, counted from the shapes (XLA's cost analysis counts a
+  scanned layer once): the frozen m_A forward, the anchor forward with the cross-attentions,
+  activation gradients back through the anchor from its first connection (layer 1) up, and the
+  composition's activation and weight gradients (2x its forward). Attention scores and values are
+  counted unmasked; m_A's unused LM head is not counted."""
+  tok, t = a.batch * a.seq, a.seq
+
+  def layer(d):  # q, k, v, o; SwiGLU 4x (three d x 4d matrices); QK^T and AV
+    return 2 * tok * (4 * d * d + 3 * d * 4 * d) + 4 * tok * t * d
+
+  n = max(1, a.aug_layers // 4)
+  head = 2 * tok * a.anchor_dim * a.vocab
+  xattn = n * (2 * tok * (a.aug_dim * a.anchor_dim + 4 * a.anchor_dim ** 2) + 4 * tok * t * a.anchor_dim)
+  forward = a.anchor_layers * layer(a.anchor_dim) + head + a.aug_layers * layer(a.aug_dim) + xattn
+  backward = (a.anchor_layers - 1) * layer(a.anchor_dim) + head + 2 * xattn
+  return float(forward + backward)
+
+
+def _matmul_peaks(m=1024, k=512, n=2048, reps=50) -> tuple[float, float]:
+  """GFLOP/s of one fp32 matmul of the model's typical shape, XLA and torch (what a step can reach)."""
+  import jax
+  import jax.numpy as jnp
+  import torch
+  x, y = np.ones((m, k), np.float32), np.ones((k, n), np.float32)
+  f = jax.jit(jnp.dot)
+  xj, yj = jnp.asarray(x), jnp.asarray(y)
+  out = []
+  for mm in (lambda: f(xj, yj).block_until_ready(), lambda: torch.from_numpy(x) @ torch.from_numpy(y)):
+    for _ in range(10):
+      mm()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+      mm()
+    out.append(2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9)
+  return out[0], out[1]
+
+
+def _measure(args) -> dict:
+  """Both sides at one size, timed alternately in blocks of args.steps; medians over args.runs."""
   rng = np.random.default_rng(0)
   seq = rng.integers(1, args.vocab, (args.batch, args.seq + 1)).astype(np.int64)
-
-  ours, n_ours, flops, compile_s = _ours(args, seq)
+  ours, n_ours, compile_s = _ours(args, seq)
   theirs, n_theirs = _theirs(args, seq)
   ours(1)  # warm-up
   theirs(1)
@@ -76,28 +153,21 @@ def main(argv=None):
     t0 = time.perf_counter()
     theirs(args.steps)
     t_theirs.append((time.perf_counter() - t0) / args.steps)
-  load = (load_before, os.getloadavg()[0])
-  med_o, med_t = statistics.median(t_ours), statistics.median(t_theirs)
-  result = {"steps_per_s_ours": round(1 / med_o, 3), "steps_per_s_calm_pytorch": round(1 / med_t, 3),
-            "speedup_vs_calm_pytorch": round(med_t / med_o, 2), "compile_s_ours": round(compile_s, 2)}
-  dev = jax.devices()[0]
-  if dev.platform == "gpu":
-    peak = _peak_flops(dev)
-    if peak:
-      result["mfu_ours"] = round(flops / med_o / peak, 4)
+  row = dict(args=args, n_ours=n_ours, n_theirs=n_theirs, t_ours=t_ours, t_theirs=t_theirs,
+             ours=statistics.median(t_ours), theirs=statistics.median(t_theirs), compile_s=compile_s,
+             flops=step_flops(args))
   print(f"anchor {args.anchor_dim}x{args.anchor_layers} ({args.anchor_heads} heads), augment {args.aug_dim}x"
         f"{args.aug_layers} ({args.aug_heads} heads), vocab {args.vocab}, batch {args.batch}, seq {args.seq}; "
-        f"trainable params ours {n_ours:,} / CALM-pytorch {n_theirs:,}; {ncpu} CPUs")
-  print(f"ours: median {med_o * 1e3:.1f} ms/step of {[round(t * 1e3, 1) for t in t_ours]} (compile {compile_s:.1f}s)")
-  print(f"CALM-pytorch: median {med_t * 1e3:.1f} ms/step of {[round(t * 1e3, 1) for t in t_theirs]}")
-  print(f"1-min load average before/after: {load[0]:.1f} / {load[1]:.1f}")
-  if not args.no_write and not args.small:
-    _append(result, args, n_ours, n_theirs, t_ours, t_theirs, ncpu, load)
-  print(json.dumps(result))
+        f"trainable params ours {n_ours:,} / CALM-pytorch {n_theirs:,}; {row['flops'] / 1e9:.1f} GFLOP/step")
+  print(f"  ours: median {row['ours'] * 1e3:.1f} ms/step of {[round(t * 1e3, 1) for t in t_ours]} "
+        f"(compile {compile_s:.1f}s, {row['flops'] / row['ours'] / 1e9:.0f} GFLOP/s)")
+  print(f"  CALM-pytorch: median {row['theirs'] * 1e3:.1f} ms/step of {[round(t * 1e3, 1) for t in t_theirs]} "
+        f"({row['flops'] / row['theirs'] / 1e9:.0f} GFLOP/s); speedup {row['theirs'] / row['ours']:.2f}x", flush=True)
+  return row
 
 
 def _ours(args, seq):
-  """A jitted training step over the composition parameters; returns (run(n), #trainable, flops/step)."""
+  """A jitted training step over the composition parameters; returns (run(n), #trainable, compile s)."""
   import jax
   import jax.numpy as jnp
   import ml_collections
@@ -137,8 +207,6 @@ def _ours(args, seq):
   t0 = time.perf_counter()
   compiled = step.lower(trainable, opt_state, frozen).compile()
   compile_s = time.perf_counter() - t0
-  cost = compiled.cost_analysis()
-  flops = float((cost[0] if isinstance(cost, list) else cost or {}).get("flops", 0.0))
   state = {"t": trainable, "o": opt_state}
 
   def run(n):
@@ -147,7 +215,7 @@ def _ours(args, seq):
     loss.block_until_ready()
 
   n = sum(x.size for x in jax.tree.leaves(trainable))
-  return run, n, flops, compile_s
+  return run, n, compile_s
 
 
 def _theirs(args, seq):
@@ -193,31 +261,37 @@ def _peak_flops(dev) -> float | None:
   return None
 
 
-def _append(result, args, n_ours, n_theirs, t_ours, t_theirs, ncpu, load):
+def _append(result, rows, ncpu, load, peaks):
   import jax
   import torch
   path = ROOT / "docs" / "benchmarks.md"
   cmd = "python benchmarks/calm.py " + " ".join(sys.argv[1:])
   date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-  med_o, med_t = statistics.median(t_ours), statistics.median(t_theirs)
+  a = rows[0]["args"]
+  lines = []
+  for r in rows:
+    x = r["args"]
+    lines.append(f"| {x.anchor_dim}x{x.anchor_layers} / {x.aug_dim}x{x.aug_layers} | {x.batch} x {x.seq} | "
+                 f"{r['n_ours']:,} / {r['n_theirs']:,} | {r['flops'] / 1e9:.1f} | {r['ours'] * 1e3:.1f} "
+                 f"({min(r['t_ours']) * 1e3:.1f}) | {r['theirs'] * 1e3:.1f} ({min(r['t_theirs']) * 1e3:.1f}) | "
+                 f"{r['flops'] / r['ours'] / 1e9:.0f} / {r['flops'] / r['theirs'] / 1e9:.0f} | "
+                 f"**{r['theirs'] / r['ours']:.2f}x** |")
   text = f"""
 ## CALM training step vs CALM-pytorch ({date})
 
 - machine: `{platform.platform()}`, {ncpu} CPUs; jax {jax.__version__}, torch {torch.__version__}
-  (`torch.set_num_threads({ncpu})`), CALM-pytorch 0.2.2; 1-min load average before/after {load[0]:.1f} / {load[1]:.1f}
-- anchor {args.anchor_dim} wide x {args.anchor_layers} layers ({args.anchor_heads} heads), augmenting
-  {args.aug_dim} x {args.aug_layers} ({args.aug_heads} heads), SwiGLU 4x, vocab {args.vocab}, batch {args.batch},
-  sequence {args.seq}, fp32; {args.aug_layers // 4} connections; trainable parameters ours {n_ours:,},
-  CALM-pytorch {n_theirs:,} (its per-head value gates and biases)
+  (`torch.set_num_threads({ncpu})`), CALM-pytorch 0.2.2; 1-min load average before/after {load[0]:.1f} / {load[1]:.1f};
+  fp32 matmul 1024x512 @ 512x2048: XLA {peaks[0]:.0f} GFLOP/s, torch {peaks[1]:.0f} GFLOP/s
+- both sides: pre-RMSNorm rotary SwiGLU (4x) decoders, vocab {a.vocab}, fp32; m_A's every 4th layer
+  into evenly spaced anchor layers from layer 1 (N_A / 4 connections, the anchor's heads); one step =
+  frozen m_A forward, anchor + cross-attention forward, next-token loss, backward into the composition
+  only, AdamW; median (min) of {a.runs} blocks of {a.steps} steps, the two sides alternating
+- GFLOP/step: matmul FLOPs counted from the shapes (`step_flops`), the same work on both sides
 - command: `{cmd.strip()}`
 
-| | median ms/step | min ms/step | steps/s |
-| --- | --- | --- | --- |
-| calm_jax `calm` (jitted step) | {med_o * 1e3:.1f} | {min(t_ours) * 1e3:.1f} | {result['steps_per_s_ours']} |
-| CALM-pytorch | {med_t * 1e3:.1f} | {min(t_theirs) * 1e3:.1f} | {result['steps_per_s_calm_pytorch']} |
-
-speedup vs CALM-pytorch: **{result['speedup_vs_calm_pytorch']}x** (compile {result['compile_s_ours']} s, not in the
-step time).
+| anchor / m_A (width x layers) | batch x seq | trainable params ours / theirs | GFLOP/step | ours ms/step | CALM-pytorch ms/step | GFLOP/s ours / theirs | speedup |
+| --- | --- | --- | --- | --- | --- | --- | --- |
+{chr(10).join(lines)}
 """
   with open(path, "a") as f:
     f.write(text)
