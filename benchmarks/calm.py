@@ -10,8 +10,9 @@ composition parameters only, one AdamW update (ours: the core trainer's optimize
 `ComposeParam` split; theirs: `torch.optim.AdamW` over `calm.parameters()` that require grad).
 CALM-pytorch's augmenting model reads the sequence as its `prompt` (its encoder-style
 interface); ours reads it under the causal cross mask: the same amount of work.
-Both are warmed up, then timed alternately in blocks of `--steps`; medians over `--runs`.
-torch uses `torch.set_num_threads(os.cpu_count())`.
+Both are warmed up (one block), then timed alternately in blocks of `--steps`; medians over `--runs`.
+torch uses `torch.set_num_threads(os.cpu_count())`. The process re-executes itself under
+`calm_jax.malloc.TUNED` (the allocator `launch.train` runs under), so both sides share it.
 
 `--sweep` adds rows at other sizes (smaller models; a longer sequence). Each row states the step's
 matmul FLOPs (`step_flops`, from the shapes) and both sides' GFLOP/s beside the machine's fp32
@@ -28,6 +29,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -55,6 +57,7 @@ def main(argv=None):
   ap.add_argument("--sweep", action="store_true",
                   help="also run the SWEEP sizes (smaller models, a longer sequence): one row each")
   ap.add_argument("--no-write", action="store_true", help="do not append to docs/benchmarks.md")
+  ap.add_argument("--peer-only", action="store_true", help=argparse.SUPPRESS)  # CALM-pytorch alone, JSON out
   args = ap.parse_args(argv)
   if args.small:
     args.anchor_dim, args.anchor_layers, args.anchor_heads = 64, 4, 4
@@ -69,7 +72,11 @@ def main(argv=None):
   load_before = os.getloadavg()[0]
   peaks = _matmul_peaks()
   sizes = [args] + ([argparse.Namespace(**{**vars(args), **s}) for s in SWEEP] if args.sweep else [])
+  if args.peer_only:
+    print(json.dumps([_measure(a, ours=False)["theirs"] for a in sizes]))
+    return
   rows = [_measure(a) for a in sizes]
+  _peer_under_default_allocator(rows)
   load = (load_before, os.getloadavg()[0])
   main_row = rows[0]
   result = {"steps_per_s_ours": round(1 / main_row["ours"], 3),
@@ -137,14 +144,40 @@ def _matmul_peaks(m=1024, k=512, n=2048, reps=50) -> tuple[float, float]:
   return out[0], out[1]
 
 
-def _measure(args) -> dict:
-  """Both sides at one size, timed alternately in blocks of args.steps; medians over args.runs."""
+def _peer_under_default_allocator(rows) -> None:
+  """CALM-pytorch again, in a process under glibc's default allocator (as its users run it): each
+  row's `theirs` becomes the faster of its two medians (`theirs_tuned`, `theirs_default` kept)."""
+  from calm_jax.malloc import is_tuned
+  if not is_tuned():
+    return
+  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"} | {"CALM_JAX_NO_REEXEC": "1"}
+  proc = subprocess.run([sys.executable, sys.argv[0], *sys.argv[1:], "--peer-only"], env=env, capture_output=True,
+                        text=True, check=True)
+  for row, t in zip(rows, json.loads(proc.stdout.strip().splitlines()[-1])):
+    row["theirs_tuned"], row["theirs_default"] = row["theirs"], t
+    row["theirs"] = min(row["theirs"], t)
+    print(f"  CALM-pytorch under glibc's default allocator: {t * 1e3:.1f} ms/step (in this run: "
+          f"{row['theirs_tuned'] * 1e3:.1f}); speedup vs the faster {row['theirs'] / row['ours']:.2f}x")
+
+
+def _measure(args, ours: bool = True) -> dict:
+  """Both sides (or CALM-pytorch alone) at one size, timed alternately in blocks of args.steps;
+  medians over args.runs."""
   rng = np.random.default_rng(0)
   seq = rng.integers(1, args.vocab, (args.batch, args.seq + 1)).astype(np.int64)
+  if not ours:
+    theirs, _ = _theirs(args, seq)
+    theirs(args.steps)
+    times = []
+    for _ in range(args.runs):
+      t0 = time.perf_counter()
+      theirs(args.steps)
+      times.append((time.perf_counter() - t0) / args.steps)
+    return {"theirs": statistics.median(times)}
   ours, n_ours, compile_s = _ours(args, seq)
   theirs, n_theirs = _theirs(args, seq)
-  ours(1)  # warm-up
-  theirs(1)
+  ours(args.steps)  # warm-up: compiled, the allocator's heap grown
+  theirs(args.steps)
   t_ours, t_theirs = [], []
   for _ in range(args.runs):
     t0 = time.perf_counter()
@@ -264,6 +297,8 @@ def _peak_flops(dev) -> float | None:
 def _append(result, rows, ncpu, load, peaks):
   import jax
   import torch
+
+  from calm_jax.malloc import is_tuned
   path = ROOT / "docs" / "benchmarks.md"
   cmd = "python benchmarks/calm.py " + " ".join(sys.argv[1:])
   date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
@@ -271,10 +306,12 @@ def _append(result, rows, ncpu, load, peaks):
   lines = []
   for r in rows:
     x = r["args"]
+    peer_default = f"{r['theirs_default'] * 1e3:.1f}" if "theirs_default" in r else "-"
+    peer_here = r.get("theirs_tuned", r["theirs"])
     lines.append(f"| {x.anchor_dim}x{x.anchor_layers} / {x.aug_dim}x{x.aug_layers} | {x.batch} x {x.seq} | "
                  f"{r['n_ours']:,} / {r['n_theirs']:,} | {r['flops'] / 1e9:.1f} | {r['ours'] * 1e3:.1f} "
-                 f"({min(r['t_ours']) * 1e3:.1f}) | {r['theirs'] * 1e3:.1f} ({min(r['t_theirs']) * 1e3:.1f}) | "
-                 f"{r['flops'] / r['ours'] / 1e9:.0f} / {r['flops'] / r['theirs'] / 1e9:.0f} | "
+                 f"({min(r['t_ours']) * 1e3:.1f}) | {peer_here * 1e3:.1f} ({min(r['t_theirs']) * 1e3:.1f}) | "
+                 f"{peer_default} | {r['flops'] / r['ours'] / 1e9:.0f} / {r['flops'] / r['theirs'] / 1e9:.0f} | "
                  f"**{r['theirs'] / r['ours']:.2f}x** |")
   text = f"""
 ## CALM training step vs CALM-pytorch ({date})
@@ -285,12 +322,15 @@ def _append(result, rows, ncpu, load, peaks):
 - both sides: pre-RMSNorm rotary SwiGLU (4x) decoders, vocab {a.vocab}, fp32; m_A's every 4th layer
   into evenly spaced anchor layers from layer 1 (N_A / 4 connections, the anchor's heads); one step =
   frozen m_A forward, anchor + cross-attention forward, next-token loss, backward into the composition
-  only, AdamW; median (min) of {a.runs} blocks of {a.steps} steps, the two sides alternating
-- GFLOP/step: matmul FLOPs counted from the shapes (`step_flops`), the same work on both sides
+  only, AdamW; median (min) of {a.runs} blocks of {a.steps} steps, the two sides alternating, after one
+  warm-up block each; one process, under glibc tunables {'`calm_jax.malloc.TUNED`' if is_tuned() else 'left as they were'}
+- GFLOP/step: matmul FLOPs counted from the shapes (`step_flops`), the same work on both sides;
+  CALM-pytorch is timed again in a second process under glibc's default allocator (as its users run
+  it), and the speedup is against the faster of its two medians
 - command: `{cmd.strip()}`
 
-| anchor / m_A (width x layers) | batch x seq | trainable params ours / theirs | GFLOP/step | ours ms/step | CALM-pytorch ms/step | GFLOP/s ours / theirs | speedup |
-| --- | --- | --- | --- | --- | --- | --- | --- |
+| anchor / m_A (width x layers) | batch x seq | trainable params ours / theirs | GFLOP/step | ours ms/step | CALM-pytorch ms/step, this process | CALM-pytorch ms/step, glibc default allocator | GFLOP/s ours / theirs (faster) | speedup vs the faster peer figure |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- |
 {chr(10).join(lines)}
 """
   with open(path, "a") as f:
@@ -298,4 +338,6 @@ def _append(result, rows, ncpu, load, peaks):
 
 
 if __name__ == "__main__":
+  from calm_jax.malloc import reexec_tuned
+  reexec_tuned()
   main()

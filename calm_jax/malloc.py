@@ -1,18 +1,18 @@
-"""glibc malloc policy for processes that stream tensors (the checkpoint merge).
+"""glibc malloc policy for processes that allocate tensor-sized buffers in a loop.
 
-A streaming job allocates and frees tensor-sized buffers in a loop, from several threads (XLA's
-outputs and fp32 temporaries, the reader's and writer's buffers). Under glibc's defaults most of
+The checkpoint merge (per tensor) and XLA on the CPU (per training step: activations, gradients,
+temporaries) allocate and free large buffers, from several threads. Under glibc's defaults most of
 them come from fresh memory maps (sizes above the mmap threshold, or any size in a worker thread's
 arena once its 64 MiB heap is full), which the kernel zero-fills page by page on first touch: in
 the 0.48B-parameter benchmark merge, page faults and `clear_page` took ~40% of the run.
 
 Two policies:
-- `TUNED` (`launch.merge`): one arena for all threads, buffers up to 1 GiB from the heap, no
-  trimming, so a freed tensor buffer is reused by the next tensor. Warm-cache task-arithmetic
-  merge 9.7 s -> 6.0 s (median of 3); peak RSS 15-17x the largest tensor
-  (tests/test_merging_memory.py). glibc reads tunables only at process start (and `mallopt`
-  caps the mmap threshold at 32 MiB), so an entry point re-executes itself under them
-  (`reexec_tuned`).
+- `TUNED` (`launch.train`, `launch.merge`, `launch.demo`, the CALM benchmark): one arena for all
+  threads, buffers up to 1 GiB from the heap, no trimming, so a freed buffer is reused by the next
+  tensor or step. Warm-cache task-arithmetic merge 9.7 s -> 6.0 s (median of 3), peak RSS 15-17x
+  the largest tensor (tests/test_merging_memory.py); CALM training step on 2 CPU cores 1.28 s ->
+  1.04 s (docs/benchmarks.md). glibc reads tunables only at process start (and `mallopt` caps
+  the mmap threshold at 32 MiB), so an entry point re-executes itself under them (`reexec_tuned`).
 - `return_freed_memory` (the library's `low_memory` merge, in a running process such as a
   notebook): every large buffer is a fresh map, returned at free: the smallest peak RSS (~11x the
   largest tensor), the slowest.
@@ -33,8 +33,9 @@ def is_tuned() -> bool:
   return os.environ.get("GLIBC_TUNABLES") == TUNED
 
 
-def reexec_tuned(module: str) -> None:
-  """Replaces this process (same pid) by `python -m module <its arguments>` under `TUNED`.
+def reexec_tuned(module: str | None = None) -> None:
+  """Replaces this process (same pid) by `python -m module <its arguments>` (module None: the same
+  script, `python sys.argv[0] ...`) under `TUNED`.
 
   A no-op off glibc, when already tuned, when the user set GLIBC_TUNABLES (their choice wins) or
   CALM_JAX_NO_REEXEC. Call it first thing in an entry point, before heavy imports.
@@ -45,7 +46,8 @@ def reexec_tuned(module: str) -> None:
     return
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], {**os.environ, "GLIBC_TUNABLES": TUNED})
+  head = ["-m", module] if module else [sys.argv[0]]
+  os.execve(sys.executable, [sys.executable, *head, *sys.argv[1:]], {**os.environ, "GLIBC_TUNABLES": TUNED})
 
 
 def return_freed_memory() -> None:

@@ -41,5 +41,5 @@ def main(argv):
 
 if __name__ == "__main__":
   from calm_jax.malloc import reexec_tuned
-  reexec_tuned("launch.merge")
+  reexec_tuned("launch.merge")  # a tuned glibc allocator (calm_jax/malloc.py): buffers reused across tensors
   app.run(main)
