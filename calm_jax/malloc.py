@@ -10,9 +10,10 @@ Two policies:
 - `TUNED` (`launch.train`, `launch.merge`, `launch.demo`, the CALM benchmark): one arena for all
   threads, buffers up to 1 GiB from the heap, no trimming, so a freed buffer is reused by the next
   tensor or step. Warm-cache task-arithmetic merge 9.7 s -> 6.0 s (median of 3), peak RSS 15-17x
-  the largest tensor (tests/test_merging_memory.py); CALM training step on 2 CPU cores 1.28 s ->
-  1.04 s (docs/benchmarks.md). glibc reads tunables only at process start (and `mallopt` caps
-  the mmap threshold at 32 MiB), so an entry point re-executes itself under them (`reexec_tuned`).
+  the largest tensor (tests/test_merging_memory.py); CALM benchmark training step on 2 CPU cores
+  ~1.2-1.3 s -> ~0.8-0.9 s at steady state (docs/benchmarks.md). glibc reads tunables only at
+  process start (and `mallopt` caps the mmap threshold at 32 MiB), so an entry point re-executes
+  itself under them (`reexec_tuned`).
 - `return_freed_memory` (the library's `low_memory` merge, in a running process such as a
   notebook): every large buffer is a fresh map, returned at free: the smallest peak RSS (~11x the
   largest tensor), the slowest.
