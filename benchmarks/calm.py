@@ -70,11 +70,11 @@ def main(argv=None):
   ncpu = os.cpu_count()
   torch.set_num_threads(ncpu)
   load_before = os.getloadavg()[0]
-  peaks = _matmul_peaks()
   sizes = [args] + ([argparse.Namespace(**{**vars(args), **s}) for s in SWEEP] if args.sweep else [])
   if args.peer_only:
     print(json.dumps([_measure(a, ours=False)["theirs"] for a in sizes]))
     return
+  peaks = _matmul_peaks()
   rows = [_measure(a) for a in sizes]
   _peer_under_default_allocator(rows)
   load = (load_before, os.getloadavg()[0])
