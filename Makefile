@@ -16,8 +16,9 @@ $(STAMP): setup.py
 
 venv: $(STAMP)
 
+# Two workers (CI has 2 cores); tests/conftest.py makes each test file one unit of work.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 tests
 
 demo: $(STAMP)
 	$(BIN)/python -m launch.demo --workdir=$(or $(WORKDIR),runs/demo)

@@ -30,7 +30,7 @@ setup(
     extras_require={
         # Peers: transformers (PyTorch) is the numeric reference, mergekit the merge reference,
         # peft the LoRA reference, calm-pytorch the CALM throughput reference.
-        "test": [TORCH, "pytest", "pytest-timeout", "accelerate", "mergekit", "peft", "psutil"],
+        "test": [TORCH, "pytest", "pytest-timeout", "pytest-xdist", "accelerate", "mergekit", "peft", "psutil"],
         "bench": [TORCH, "accelerate", "psutil", "mergekit", "peft", "calm-pytorch"],
     },
 )

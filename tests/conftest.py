@@ -89,3 +89,28 @@ def zoo_saved(tmp_path_factory):
         return cache[name]
 
     return get
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Work units for `pytest -n 2` (`make test`): one test file per unit, so a file's module
+    fixtures are built once per session; the files that use the trained tiny base (`tiny_base_dir`,
+    ~2 min to train) share one unit, the first to start, so one worker trains it once. (xdist's own `loadgroup` marks
+    do not reach its scheduler under pytest 9.)"""
+    from pathlib import Path
+
+    from xdist.scheduler import LoadScopeScheduling
+
+    here = Path(__file__).parent
+    shared = {p.name for p in here.glob("test_*.py") if "tiny_base_dir" in p.read_text()}
+
+    class ByFile(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            file = nodeid.split("::", 1)[0]
+            return "tiny_base" if Path(file).name in shared else file
+
+        def _assign_work_unit(self, node):
+            if "tiny_base" in self.workqueue:  # the longest unit: start it first
+                self.workqueue.move_to_end("tiny_base", last=False)
+            super()._assign_work_unit(node)
+
+    return ByFile(config, log)
