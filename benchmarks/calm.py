@@ -13,6 +13,9 @@ interface); ours reads it under the causal cross mask: the same amount of work.
 Both are warmed up (two blocks), then timed alternately in blocks of `--steps`; medians over `--runs`.
 torch uses `torch.set_num_threads(os.cpu_count())`. The process re-executes itself under
 `calm_jax.malloc.TUNED` (the allocator `launch.train` runs under), so both sides share it.
+Sharing one process slows both sides (each ~10% here: caches, heap, the other's idle threads), so
+each side is timed again alone in its own process, as its users run it: ours under TUNED,
+CALM-pytorch under glibc's defaults. Each side's figure is the faster of its two medians.
 
 `--sweep` adds rows at other sizes (smaller models; a longer sequence). Each row states the step's
 matmul FLOPs (`step_flops`, from the shapes) and both sides' GFLOP/s beside the machine's fp32
@@ -57,7 +60,7 @@ def main(argv=None):
   ap.add_argument("--sweep", action="store_true",
                   help="also run the SWEEP sizes (smaller models, a longer sequence): one row each")
   ap.add_argument("--no-write", action="store_true", help="do not append to docs/benchmarks.md")
-  ap.add_argument("--peer-only", action="store_true", help=argparse.SUPPRESS)  # CALM-pytorch alone, JSON out
+  ap.add_argument("--alone", choices=("ours", "theirs"), help=argparse.SUPPRESS)  # one side alone, JSON out
   args = ap.parse_args(argv)
   if args.small:
     args.anchor_dim, args.anchor_layers, args.anchor_heads = 64, 4, 4
@@ -71,12 +74,12 @@ def main(argv=None):
   torch.set_num_threads(ncpu)
   load_before = os.getloadavg()[0]
   sizes = [args] + ([argparse.Namespace(**{**vars(args), **s}) for s in SWEEP] if args.sweep else [])
-  if args.peer_only:
-    print(json.dumps([_measure(a, ours=False)["theirs"] for a in sizes]))
+  if args.alone:
+    print(json.dumps([_measure_alone(a, args.alone) for a in sizes]))
     return
   peaks = _matmul_peaks()
   rows = [_measure(a) for a in sizes]
-  _peer_under_default_allocator(rows)
+  _each_side_alone(rows)
   load = (load_before, os.getloadavg()[0])
   main_row = rows[0]
   result = {"steps_per_s_ours": round(1 / main_row["ours"], 3),
@@ -144,37 +147,42 @@ def _matmul_peaks(m=1024, k=512, n=2048, reps=50) -> tuple[float, float]:
   return out[0], out[1]
 
 
-def _peer_under_default_allocator(rows) -> None:
-  """CALM-pytorch again, in a process under glibc's default allocator (as its users run it): each
-  row's `theirs` becomes the faster of its two medians (`theirs_tuned`, `theirs_default` kept)."""
-  from calm_jax.malloc import is_tuned
-  if not is_tuned():
-    return
-  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"} | {"CALM_JAX_NO_REEXEC": "1"}
-  proc = subprocess.run([sys.executable, sys.argv[0], *sys.argv[1:], "--peer-only"], env=env, capture_output=True,
-                        text=True, check=True)
-  for row, t in zip(rows, json.loads(proc.stdout.strip().splitlines()[-1])):
-    row["theirs_tuned"], row["theirs_default"] = row["theirs"], t
-    row["theirs"] = min(row["theirs"], t)
-    print(f"  CALM-pytorch under glibc's default allocator: {t * 1e3:.1f} ms/step (in this run: "
-          f"{row['theirs_tuned'] * 1e3:.1f}); speedup vs the faster {row['theirs'] / row['ours']:.2f}x")
+def _each_side_alone(rows) -> None:
+  """Each side again in a process of its own: ours under TUNED (as `launch.train` runs it), CALM-pytorch
+  under glibc's default allocator (as its users run it). Each row's `ours` / `theirs` becomes the
+  faster of that side's two medians (`*_shared` and `*_alone` kept)."""
+  from calm_jax.malloc import TUNED
+  base = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"} | {"CALM_JAX_NO_REEXEC": "1"}
+  for side, env in (("ours", base | {"GLIBC_TUNABLES": TUNED}), ("theirs", base)):
+    proc = subprocess.run([sys.executable, sys.argv[0], *sys.argv[1:], f"--alone={side}"], env=env,
+                          capture_output=True, text=True, check=True)
+    for row, t in zip(rows, json.loads(proc.stdout.strip().splitlines()[-1])):
+      row[f"{side}_shared"], row[f"{side}_alone"] = row[side], t
+      row[side] = min(row[side], t)
+  for row in rows:
+    print(f"  alone in its own process: ours {row['ours_alone'] * 1e3:.1f} ms/step, CALM-pytorch (glibc defaults) "
+          f"{row['theirs_alone'] * 1e3:.1f}; speedup, the faster figure of each side: {row['theirs'] / row['ours']:.2f}x")
 
 
-def _measure(args, ours: bool = True) -> dict:
-  """Both sides (or CALM-pytorch alone) at one size, timed alternately in blocks of args.steps;
-  medians over args.runs."""
+def _measure_alone(args, side: str) -> float:
+  """One side alone: median seconds per step over args.runs blocks, after two warm-up blocks."""
   rng = np.random.default_rng(0)
   seq = rng.integers(1, args.vocab, (args.batch, args.seq + 1)).astype(np.int64)
-  if not ours:
-    theirs, _ = _theirs(args, seq)
-    for _ in range(2):
-      theirs(args.steps)
-    times = []
-    for _ in range(args.runs):
-      t0 = time.perf_counter()
-      theirs(args.steps)
-      times.append((time.perf_counter() - t0) / args.steps)
-    return {"theirs": statistics.median(times)}
+  run = _ours(args, seq)[0] if side == "ours" else _theirs(args, seq)[0]
+  for _ in range(2):
+    run(args.steps)
+  times = []
+  for _ in range(args.runs):
+    t0 = time.perf_counter()
+    run(args.steps)
+    times.append((time.perf_counter() - t0) / args.steps)
+  return statistics.median(times)
+
+
+def _measure(args) -> dict:
+  """Both sides at one size, timed alternately in blocks of args.steps; medians over args.runs."""
+  rng = np.random.default_rng(0)
+  seq = rng.integers(1, args.vocab, (args.batch, args.seq + 1)).astype(np.int64)
   ours, n_ours, compile_s = _ours(args, seq)
   theirs, n_theirs = _theirs(args, seq)
   for _ in range(2):  # warm-up: compiled, the allocator's heap grown to its steady size
@@ -308,12 +316,12 @@ def _append(result, rows, ncpu, load, peaks):
   lines = []
   for r in rows:
     x = r["args"]
-    peer_default = f"{r['theirs_default'] * 1e3:.1f}" if "theirs_default" in r else "-"
-    peer_here = r.get("theirs_tuned", r["theirs"])
+    ms = lambda side, how: f"{r[f'{side}_{how}'] * 1e3:.1f}" if f"{side}_{how}" in r else "-"
     lines.append(f"| {x.anchor_dim}x{x.anchor_layers} / {x.aug_dim}x{x.aug_layers} | {x.batch} x {x.seq} | "
-                 f"{r['n_ours']:,} / {r['n_theirs']:,} | {r['flops'] / 1e9:.1f} | {r['ours'] * 1e3:.1f} "
-                 f"({min(r['t_ours']) * 1e3:.1f}) | {peer_here * 1e3:.1f} ({min(r['t_theirs']) * 1e3:.1f}) | "
-                 f"{peer_default} | {r['flops'] / r['ours'] / 1e9:.0f} / {r['flops'] / r['theirs'] / 1e9:.0f} | "
+                 f"{r['n_ours']:,} / {r['n_theirs']:,} | {r['flops'] / 1e9:.1f} | "
+                 f"{ms('ours', 'shared')} ({min(r['t_ours']) * 1e3:.1f}) | {ms('ours', 'alone')} | "
+                 f"{ms('theirs', 'shared')} ({min(r['t_theirs']) * 1e3:.1f}) | {ms('theirs', 'alone')} | "
+                 f"{r['flops'] / r['ours'] / 1e9:.0f} / {r['flops'] / r['theirs'] / 1e9:.0f} | "
                  f"**{r['theirs'] / r['ours']:.2f}x** |")
   text = f"""
 ## CALM training step vs CALM-pytorch ({date})
@@ -327,12 +335,12 @@ def _append(result, rows, ncpu, load, peaks):
   only, AdamW; median (min) of {a.runs} blocks of {a.steps} steps, the two sides alternating, after two
   warm-up blocks each; one process, under glibc tunables {'`calm_jax.malloc.TUNED`' if is_tuned() else 'left as they were'}
 - GFLOP/step: matmul FLOPs counted from the shapes (`step_flops`), the same work on both sides;
-  CALM-pytorch is timed again in a second process under glibc's default allocator (as its users run
-  it), and the speedup is against the faster of its two medians
+  each side is timed again alone in a process of its own (ours under TUNED, CALM-pytorch under glibc's
+  default allocator, as their users run them), and each side's figure is the faster of its two medians
 - command: `{cmd.strip()}`
 
-| anchor / m_A (width x layers) | batch x seq | trainable params ours / theirs | GFLOP/step | ours ms/step | CALM-pytorch ms/step, this process | CALM-pytorch ms/step, glibc default allocator | GFLOP/s ours / theirs (faster) | speedup vs the faster peer figure |
-| --- | --- | --- | --- | --- | --- | --- | --- | --- |
+| anchor / m_A (width x layers) | batch x seq | trainable params ours / theirs | GFLOP/step | ours ms/step, shared process (min) | ours, alone | CALM-pytorch ms/step, shared process (min) | CALM-pytorch, alone (glibc defaults) | GFLOP/s ours / theirs (faster) | speedup, the faster figure of each side |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
 {chr(10).join(lines)}
 """
   with open(path, "a") as f:
