@@ -93,9 +93,9 @@ def zoo_saved(tmp_path_factory):
 
 def pytest_xdist_make_scheduler(config, log):
     """Work units for `pytest -n 2` (`make test`): one test file per unit, so a file's module
-    fixtures are built once per session; the files that use the trained tiny base (`tiny_base_dir`,
-    ~2 min to train) share one unit, the first to start, so one worker trains it once. (xdist's own `loadgroup` marks
-    do not reach its scheduler under pytest 9.)"""
+    fixtures are built once per session. The files that use the trained tiny base (`tiny_base_dir`,
+    ~2 min to train) share one unit, started first, so one worker trains it once. (xdist's own
+    `loadgroup` marks do not reach its scheduler under pytest 9.)"""
     from pathlib import Path
 
     from xdist.scheduler import LoadScopeScheduling
