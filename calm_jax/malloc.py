@@ -9,7 +9,7 @@ the 0.48B-parameter benchmark merge, page faults and `clear_page` took ~40% of t
 Two policies:
 - `TUNED` (`launch.train`, `launch.merge`, `launch.demo`, the CALM benchmark): one arena for all
   threads, buffers up to 1 GiB from the heap, no trimming, so a freed buffer is reused by the next
-  tensor or step. Warm-cache task-arithmetic merge 9.7 s -> 6.0 s (median of 3), peak RSS 15-17x
+  tensor or step. Warm-cache task-arithmetic merge 9.7 s -> 6.0 s (median of 3), peak RSS 13-21x
   the largest tensor (tests/test_merging_memory.py); CALM benchmark training step on 2 CPU cores
   ~1.2-1.3 s -> ~0.8-0.9 s at steady state (docs/benchmarks.md). glibc reads tunables only at
   process start (and `mallopt` caps the mmap threshold at 32 MiB), so an entry point re-executes

@@ -1,14 +1,19 @@
 """Peak memory of the streaming merge is bounded by a few tensors, not by the model.
 
-A llama-shaped fp32 base and 2 fine-tuned models (≈ 117 MB each, ≈ 350 MB in all, 3 shards
-each, largest tensor the 4 MiB embedding) are written with our `ShardedWriter`; the merge
+A llama-shaped fp32 base and 2 fine-tuned models (8 layers: ≈ 117 MB each, ≈ 350 MB in all, 3
+shards each, largest tensor the 4 MiB embedding) are written with our `ShardedWriter`; the merge
 (task_arithmetic, then metagpt with its statistics pass) runs in a subprocess that reports its
 own peak RSS. The baseline is the same subprocess merging a tiny checkpoint of the same layout
 (same modules, the same number of kernel compiles, negligible tensors), so the difference is what
-the tensors cost. Bound: growth ≤ 16 × the largest tensor (≈ 67 MB) with `low_memory=True` (the
-default: glibc returns freed blocks at once), where holding one model would cost 117 MB and the
-inputs 350 MB. With `low_memory=False` (glibc keeps freed temporaries in its arenas for reuse:
-faster; measured 19-25×) the merge must still stream: growth below one model.
+the tensors cost. Bounds, as multiples of the largest tensor:
+- `low_memory=True` (glibc returns freed blocks at once): growth ≤ 16× (≈ 67 MB), where holding
+  one model would cost 28× and the inputs 84×.
+- under `TUNED` (`launch.merge`'s allocator: one arena, never trimmed, so the peak is the heap's
+  high-water mark, and where freed blocks land depends on thread timing): measured 12.5-21× over
+  20 runs, the same with 8 or 16 layers. Asserted ≤ 24× on a 16-layer model (one model 54×, the
+  inputs 162×), so the bound stays well under one model.
+- `low_memory=False` under glibc's defaults (freed temporaries kept in per-thread arenas;
+  measured 19-25×): the merge must still stream: growth below one model.
 """
 import json
 import math
@@ -24,7 +29,7 @@ from calm_jax.malloc import TUNED
 from calm_jax.safetensors_io import ShardedWriter
 
 ROOT = Path(__file__).resolve().parents[1]
-BOUND_TUNED = 20  # the same buffers, reused rather than returned, plus one arena's fragmentation
+BOUND_TUNED = 24  # the same buffers, reused rather than returned, plus one arena's fragmentation
 BOUND = 16  # × the largest tensor: its 3 mapped inputs, their 3 device copies, 2 fp32 task vectors,
             # the fp32 merge, the output (≈ 10 buffers), plus XLA scratch and compiled kernels for
             # the big shapes that the tiny baseline does not have (measured 10.6–12.6×, varying
@@ -99,13 +104,13 @@ def peak_rss(dirs, out: Path, low_memory) -> dict:
 
 @pytest.mark.parametrize("low_memory", [True, "tuned", False])
 def test_streaming_merge_peak_rss_is_a_few_tensors(tmp_path, low_memory):
-  big = dict(hidden=512, inter=1536, vocab=2048, layers=8)
+  big = dict(hidden=512, inter=1536, vocab=2048, layers=16 if low_memory == "tuned" else 8)
   (tmp_path / "big_in").mkdir()
   dirs = write_models(tmp_path / "big_in", **big)
   largest = max(math.prod(s) for _, s in llama_specs(**big)) * 4
   model_bytes = sum(math.prod(s) for _, s in llama_specs(**big)) * 4
   bound = {True: BOUND, "tuned": BOUND_TUNED, False: model_bytes / largest}[low_memory]
-  assert 3 * model_bytes >= 200e6 and largest * BOUND < model_bytes
+  assert 3 * model_bytes >= 200e6 and largest * bound <= model_bytes / (2 if low_memory == "tuned" else 1)
   (tmp_path / "small_in").mkdir()
   small = write_models(tmp_path / "small_in", hidden=64, inter=192, vocab=256, layers=8)
   base = peak_rss(small, tmp_path / "small_out", low_memory)

@@ -38,7 +38,7 @@ def merge_config(method: str, **options) -> ml_collections.ConfigDict:
   c.progress = True
   c.mesh = ""            # "" one device; "all": every tensor split over all devices (and hosts)
   # True: glibc returns freed buffers at once (peak RSS ~11x the largest tensor, slowest); False: it keeps
-  # them; unset: False under launch.merge's tuned allocator (~15-17x, fastest), else True (calm_jax/malloc.py)
+  # them; unset: False under launch.merge's tuned allocator (~13-21x, fastest), else True (calm_jax/malloc.py)
   c.low_memory = ml_collections.config_dict.placeholder(bool)
   for k, v in {**OPTIONS, **options}.items():
     c[k] = v
