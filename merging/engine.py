@@ -9,6 +9,12 @@ is live at a time:
   pass 2  (global TIES only)      the low-bit histogram that makes the threshold exact;
   merge                          `kernels.merge_tensor` per selected tensor, the base value otherwise.
 
+With `chunk` (the streaming merge's default), a tensor of more than 2 × chunk entries goes through
+the kernels in flat pieces of at most `chunk` entries: the statistics passes always (their results
+are sums), the merge pass where the method is elementwise (`KernelSpec.elementwise`). The
+temporaries (fp32 task vectors, input copies) are then those of a piece, not of the embedding, which
+keeps the heap small and warm: fresh pages cost a page fault and a zero-fill each.
+
 Every pass reads ahead: where the source can (`Source.prefetch`, memory-mapped checkpoints), a
 `Prefetcher` thread asks for the inputs of the next tensors while the current one is computed.
 """
@@ -150,6 +156,14 @@ def _put(x, sharding, size: int):
   return jax.make_array_from_callback((size,), sharding, shard)
 
 
+def _accumulate(total, st):
+  """Statistics of two pieces of one tensor combined: sums (in fp64 / int64), except "finite" (all)."""
+  if isinstance(total, dict):
+    return {k: np.logical_and(v, st[k]) if k == "finite" else _accumulate(v, st[k]) for k, v in total.items()}
+  total = np.asarray(total)
+  return total.astype(np.float64 if total.dtype.kind == "f" else np.int64) + st
+
+
 class Prefetcher:
   """One background thread that calls `fetch(item)` for the items after the one being processed.
 
@@ -210,10 +224,11 @@ class Merger:
   """
 
   def __init__(self, source: Source, opts: MergeOptions, progress: bool = False, mesh=None,
-               prefetch: bool = True):
+               prefetch: bool = True, chunk: int | None = None):
     self.source, self.opts, self.progress = source, opts, progress
     self.prefetch = prefetch and callable(getattr(source, "prefetch", None))
     self.mesh = merge_mesh(mesh)
+    self.chunk = chunk if self.mesh is None else None  # on a mesh each device holds a slice already
     self.sharding = None if self.mesh is None else NamedSharding(self.mesh, P("x"))
     self.plans = plan(source, opts)
     self.report = Report(opts, self.plans)
@@ -221,15 +236,34 @@ class Merger:
     self.thresholds = np.zeros(opts.num_models, np.float32)
     self._prepared = False
 
-  def _inputs(self, p: TensorPlan):
-    """(base, (model tensors), n): cut to the base shape and flattened (the kernels are shape-agnostic).
-    On a mesh they are split over the devices, zero-padded to a multiple of the device count where
-    their size does not divide; n is then their true size (the kernels' `n`), else None."""
+  def _pieces(self, p: TensorPlan) -> list[slice]:
+    """The flat pieces tensor p goes through the kernels in: itself, or (with `chunk`, above 2 ×
+    chunk entries, not vocab-cropped) near-equal runs of at most `chunk` entries."""
+    size = int(np.prod(p.shape))
+    if self.chunk is None or p.crops or size <= 2 * self.chunk:
+      return [slice(0, size)]
+    step = -(-size // -(-size // self.chunk))
+    return [slice(a, min(a + step, size)) for a in range(0, size, step)]
+
+  def _stats(self, p: TensorPlan, kernel: Callable, *args, **kw):
+    """`kernel`'s statistics of tensor p on the host, summed over its pieces ("finite": all)."""
+    total = None
+    for piece in self._pieces(p):
+      base, models, n = self._inputs(p, piece)
+      st = jax.device_get(kernel(base, models, *args, n=n, **kw))
+      total = st if total is None else _accumulate(total, st)
+    return total
+
+  def _inputs(self, p: TensorPlan, piece: slice = slice(None)):
+    """(base, (model tensors), n): cut to the base shape and flattened (the kernels are shape-agnostic),
+    or the flat `piece` of that. On a mesh they are split over the devices, zero-padded to a multiple
+    of the device count where their size does not divide; n is then their true size (the kernels'
+    `n`), else None."""
     models = []
     for i in range(self.source.num_models):
       x = self.source.get(i, p.name)
-      models.append((x[p.crops[i]] if p.crops and p.crops[i] is not None else x).reshape(-1))
-    base = self.source.get(-1, p.name).reshape(-1)
+      models.append((x[p.crops[i]] if p.crops and p.crops[i] is not None else x).reshape(-1)[piece])
+    base = self.source.get(-1, p.name).reshape(-1)[piece]
     if self.sharding is None:
       return base, tuple(models), None
     size = -(-base.size // self.mesh.size) * self.mesh.size
@@ -273,8 +307,7 @@ class Merger:
     sq = np.zeros(opts.num_models, np.float64)
     search = ThresholdSearch(opts.num_models) if opts.needs_threshold else None
     for p in self._bar("merge: statistics"):
-      base, models, n = self._inputs(p)
-      st = jax.device_get(kernels.tensor_stats(base, models, histogram=search is not None, n=n))
+      st = self._stats(p, kernels.tensor_stats, histogram=search is not None)
       self.source.release(p.name)
       self._check_finite(p.name, st["finite"])
       sq += st["sq"]
@@ -289,8 +322,7 @@ class Merger:
       ranks = [ties_rank(search.count, d) for d in opts.density]
       bins, rest = search.hi_bins(ranks)
       for p in self._bar("merge: TIES threshold"):
-        base, models, n = self._inputs(p)
-        search.add_lo(jax.device_get(kernels.low_histogram(base, models, bins, n=n)))
+        search.add_lo(self._stats(p, kernels.low_histogram, bins))
         self.source.release(p.name)
       self.thresholds = search.thresholds(ranks, bins, rest)
       self.report.ties_threshold(self.thresholds, ranks, search.count)
@@ -312,12 +344,22 @@ class Merger:
         base = self.source.get(-1, p.name)
         yield p, (base.astype(opts.out_dtype) if opts.out_dtype and is_float(p.dtype) else base)
         continue
-      base, models, n = self._inputs(p)
-      merged, st = kernels.merge_tensor(base, models, self.weights, lam, self.thresholds,
-                                        kernels.tensor_key(opts.seed, p.name) if key is None else key,
-                                        spec=opts.kernel, n=n)
-      st = jax.device_get(st)  # the kernel has run: its inputs are not read again
-      del base, models
+      pieces = self._pieces(p) if opts.kernel.elementwise else [slice(None)]
+      merged, st = None, None
+      for piece in pieces:
+        base, models, n = self._inputs(p, piece)
+        part, part_st = kernels.merge_tensor(base, models, self.weights, lam, self.thresholds,
+                                             kernels.tensor_key(opts.seed, p.name) if key is None else key,
+                                             spec=opts.kernel, n=n)
+        part_st = jax.device_get(part_st)  # the kernel has run: its inputs are not read again
+        del base, models
+        if len(pieces) == 1:
+          merged, st = part, part_st
+          break
+        if merged is None:
+          merged = np.empty(int(np.prod(p.shape)), part.dtype)
+        merged[piece] = np.asarray(part)
+        st = part_st if st is None else _accumulate(st, part_st)
       self.source.release(p.name)
       self._check_finite(p.name, st["finite"])
       self.report.tensor(p, st)

@@ -78,6 +78,13 @@ class KernelSpec:
   normalize: str = "none"          # "none" | "count" | "weight"
   out_dtype: str | None = None     # None: the base tensor's dtype
 
+  @property
+  def elementwise(self) -> bool:
+    """Each merged entry depends only on the same entry of the inputs (and global statistics), so a
+    tensor can be merged in pieces. Not so for a per-tensor trim (the tensor's k-th largest |τ|) or
+    DARE (one random stream per tensor)."""
+    return self.sparsify == "none" or (self.sparsify == "magnitude" and self.trim == "global")
+
 
 @dataclasses.dataclass(frozen=True)
 class MergeOptions:

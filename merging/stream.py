@@ -39,6 +39,7 @@ from merging.engine import Merger, is_float
 from merging.options import MergeError, resolve_checked
 
 REPORT_NAME = "merge_report.json"
+CHUNK = 1 << 22  # entries per piece of a large tensor (16 MB of fp32 temporaries per model)
 
 
 class CheckpointSource:
@@ -110,7 +111,7 @@ def to_host(x) -> np.ndarray:
 
 def merge_checkpoints(base, models: Sequence, out, method: str = "metagpt", *, overwrite: bool = False,
                       max_shard_size="2GB", progress: bool = True, mesh=None, pipeline: bool = True,
-                      low_memory: bool | None = None, **options) -> Path:
+                      low_memory: bool | None = None, chunk: int | None = CHUNK, **options) -> Path:
   """Merges HF checkpoint directories `models` onto `base` into the HF directory `out`.
 
   Options are those of `merging.merge` (method, weights, lam, density, drop_rate, sparsify,
@@ -120,7 +121,9 @@ def merge_checkpoints(base, models: Sequence, out, method: str = "metagpt", *, o
   same output). `low_memory=True` makes glibc return freed buffers at once: the smallest peak RSS,
   the slowest (`calm_jax.malloc`); None (default): True unless the process started under the
   tuned allocator (`launch.merge` does), which is faster at a small peak RSS already.
-  Returns `out`. Raises `MergeError` / `CheckpointError` on bad input before any output exists.
+  `chunk`: a tensor above 2 × chunk entries goes through the kernels in pieces of at most that
+  many (`engine`; None: whole tensors). Returns `out`. Raises `MergeError` / `CheckpointError` on
+  bad input before any output exists.
   """
   main = jax.process_index() == 0
   out = check_writable(out, overwrite)  # on every process, so all fail alike before any collective
@@ -134,7 +137,7 @@ def merge_checkpoints(base, models: Sequence, out, method: str = "metagpt", *, o
   base_cfg = check_architectures(base_dir, model_dirs)
   source = CheckpointSource(base_dir, model_dirs)
   merger = Merger(source, resolve_checked(method, len(model_dirs), options), progress=progress, mesh=mesh,
-                  prefetch=pipeline)
+                  prefetch=pipeline, chunk=chunk)
   merger.report.set_models(model_dirs)
   merger.report.data["base"] = str(base_dir)
   merger.report.data["allocator"] = "low_memory" if low_memory else "tuned" if malloc.is_tuned() else "default"

@@ -497,6 +497,40 @@ def test_stream_pipeline_equals_serial(zoo, tmp_path, monkeypatch, case):
     assert reports[0] == reports[1]
 
 
+@pytest.mark.parametrize("case", [*PIPELINE_CASES, "ties_mergekit"])
+def test_stream_in_pieces_equals_whole_tensors(zoo, tmp_path, case):
+    """Tensors merged in flat pieces (`chunk`; 293 entries here, uneven last piece) give the whole-tensor
+    merge's tensors: bit for bit where no global statistic is summed, else to fp32 rounding of the
+    norms that set MetaGPT's λ. Per-tensor TIES trim and DARE are not split (not elementwise)."""
+    from merging import engine
+    base, fts = zoo
+    opts = dict(PIPELINE_CASES.get(case, dict(method="ties", convention="mergekit", density=0.4)))
+    calls, outs = {}, {}
+    for chunk in (None, 300):
+        calls[chunk] = {"stats": 0, "merge": 0}
+        with pytest.MonkeyPatch.context() as mp:
+            for name, kernel in (("stats", engine.kernels.tensor_stats), ("merge", engine.kernels.merge_tensor)):
+                def counted(*a, name=name, kernel=kernel, **kw):
+                    calls[chunk][name] += 1
+                    return kernel(*a, **kw)
+                mp.setattr(engine.kernels, "tensor_stats" if name == "stats" else "merge_tensor", counted)
+            outs[chunk] = merging.merge_checkpoints(base, fts, tmp_path / f"c{chunk}", progress=False, chunk=chunk,
+                                                    **opts)
+    split_merge = case not in ("dare", "ties_mergekit")
+    assert (calls[300]["merge"] > calls[None]["merge"] > 0) == split_merge, calls
+    assert calls[300]["stats"] > calls[None]["stats"] or calls[None]["stats"] == 0, calls
+    whole, split = merge_zoo.read(outs[None]), merge_zoo.read(outs[300])
+    assert set(whole) == set(split)
+    if opts["method"] == "metagpt":
+        reports = [json.loads((outs[c] / "merge_report.json").read_text()) for c in (None, 300)]
+        np.testing.assert_allclose(reports[1]["lambdas"], reports[0]["lambdas"], rtol=1e-6)
+        for k in whole:
+            np.testing.assert_allclose(split[k], whole[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    else:
+        for k in whole:
+            np.testing.assert_array_equal(split[k], whole[k], err_msg=k)
+
+
 def merge_threads():
     return [t for t in threading.enumerate() if t.name in ("safetensors-writer", "merge-prefetch")]
 
