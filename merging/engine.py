@@ -11,7 +11,9 @@ is live at a time:
 
 With `chunk` (the streaming merge's default), a tensor of more than 2 × chunk entries goes through
 the kernels in flat pieces of at most `chunk` entries: the statistics passes always (their results
-are sums), the merge pass where the method is elementwise (`KernelSpec.elementwise`). The
+are sums), the merge pass where the method is elementwise (`KernelSpec.elementwise`) or a TIES
+trim per tensor (its thresholds first, by the global search's histogram passes over the pieces;
+not DARE, one random stream per tensor). The
 temporaries (fp32 task vectors, input copies) are then those of a piece, not of the embedding, which
 keeps the heap small and warm: fresh pages cost a page fault and a zero-fill each.
 
@@ -254,6 +256,17 @@ class Merger:
       total = st if total is None else _accumulate(total, st)
     return total
 
+  def _tensor_thresholds(self, p: TensorPlan) -> np.ndarray:
+    """Per-tensor TIES thresholds of p (each model's k-th largest |τ|, k = max(1, int(d·n)), as
+    `kernels.kth_largest`) from the global search's two histogram passes over p's pieces."""
+    n = int(np.prod(p.shape))
+    search = ThresholdSearch(self.opts.num_models)
+    search.add_hi(self._stats(p, kernels.tensor_stats, histogram=True)["hist"], n)
+    ranks = [n - max(1, int(d * n)) + 1 if d < 1 else 0 for d in self.opts.kernel.keep]
+    bins, rest = search.hi_bins(ranks)
+    search.add_lo(self._stats(p, kernels.low_histogram, bins))
+    return search.thresholds(ranks, bins, rest)
+
   def _inputs(self, p: TensorPlan, piece: slice = slice(None)):
     """(base, (model tensors), n): cut to the base shape and flattened (the kernels are shape-agnostic),
     or the flat `piece` of that. On a mesh they are split over the devices, zero-padded to a multiple
@@ -344,13 +357,16 @@ class Merger:
         base = self.source.get(-1, p.name)
         yield p, (base.astype(opts.out_dtype) if opts.out_dtype and is_float(p.dtype) else base)
         continue
-      pieces = self._pieces(p) if opts.kernel.elementwise else [slice(None)]
+      spec, thresholds = opts.kernel, self.thresholds
+      pieces = self._pieces(p) if spec.elementwise or spec.sparsify == "magnitude" else [slice(None)]
+      if len(pieces) > 1 and not spec.elementwise:  # per-tensor TIES trim: the tensor's thresholds first
+        spec, thresholds = dataclasses.replace(spec, trim="global"), self._tensor_thresholds(p)
       merged, st = None, None
       for piece in pieces:
         base, models, n = self._inputs(p, piece)
-        part, part_st = kernels.merge_tensor(base, models, self.weights, lam, self.thresholds,
+        part, part_st = kernels.merge_tensor(base, models, self.weights, lam, thresholds,
                                              kernels.tensor_key(opts.seed, p.name) if key is None else key,
-                                             spec=opts.kernel, n=n)
+                                             spec=spec, n=n)
         part_st = jax.device_get(part_st)  # the kernel has run: its inputs are not read again
         del base, models
         if len(pieces) == 1:
