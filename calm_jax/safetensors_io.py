@@ -266,14 +266,89 @@ def plan_shards(specs: Iterable[tuple[str, tuple, np.dtype]], max_shard_bytes: i
   return shards
 
 
+class DirectFile:
+  """A new file written past the page cache (O_DIRECT), for outputs this process never reads back.
+
+  Through the page cache every output page is allocated, zero-filled or copied into and kept
+  until the kernel writes it back: in the 0.48B-parameter benchmark merge, `write` took 22% of the
+  CPU time (copy_folio_from_iter_atomic). Here bytes go into one page-aligned staging buffer that
+  is written out in whole blocks (the device DMAs from it); `close` writes the zero-padded last
+  block and truncates the file to its true size. Where the file system refuses O_DIRECT (tmpfs,
+  some FUSE or network mounts: the open or a probe write fails), it is an ordinary buffered file
+  (`direct` False); the bytes on disk are the same either way.
+  """
+  BLOCK = 4096  # a multiple of every device's logical block size in use
+
+  def __init__(self, path, buffer_bytes: int = 8 << 20):
+    self.path, self.size, self.fill = Path(path), 0, 0
+    self.direct, self.fd = False, None
+    if hasattr(os, "O_DIRECT"):
+      try:
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+        self.buf = mmap.mmap(-1, max(self.BLOCK, buffer_bytes // self.BLOCK * self.BLOCK))
+        os.pwrite(self.fd, memoryview(self.buf)[:self.BLOCK], 0)  # the probe: EINVAL where unsupported
+        self.direct = True
+      except OSError:
+        if self.fd is not None:
+          os.close(self.fd)
+          self.fd = None
+    if not self.direct:
+      self.file = open(self.path, "wb")
+    else:
+      self.view = memoryview(self.buf)
+
+  def write(self, data) -> None:
+    data = memoryview(data).cast("B")
+    self.size += len(data)
+    if not self.direct:
+      self.file.write(data)
+      return
+    while len(data):
+      n = min(len(data), len(self.buf) - self.fill)
+      self.view[self.fill:self.fill + n] = data[:n]
+      self.fill, data = self.fill + n, data[n:]
+      if self.fill == len(self.buf):
+        self._flush(self.fill)
+
+  def _flush(self, n: int) -> None:
+    """Writes the first n bytes of the staging buffer (n a multiple of BLOCK) at the file's end."""
+    done = 0
+    while done < n:
+      w = os.write(self.fd, self.view[done:n])
+      if w <= 0 or w % self.BLOCK:
+        raise OSError(f"{self.path}: short direct write ({w} of {n - done} bytes)")
+      done += w
+    self.fill = 0
+
+  def close(self) -> None:
+    if not self.direct:
+      self.file.close()
+      return
+    if self.fd is None:
+      return
+    try:
+      if self.fill:
+        padded = -(-self.fill // self.BLOCK) * self.BLOCK
+        self.view[self.fill:padded] = bytes(padded - self.fill)
+        self._flush(padded)
+      os.ftruncate(self.fd, self.size)
+    finally:
+      os.close(self.fd)
+      self.fd = None
+      self.view.release()
+      self.buf.close()
+
+
 class ShardedWriter:
   """Writes tensors, in the planned order, into HF-named shards plus the index.
 
   `write(name, array)` must be called once per planned tensor, in order; `close()` writes the
-  index (only when there is more than one shard, as transformers does).
+  index (only when there is more than one shard, as transformers does). Shards are `DirectFile`s
+  (past the page cache) unless `direct=False`.
   """
 
-  def __init__(self, out_dir, specs, max_shard_size="2GB", metadata=None):
+  def __init__(self, out_dir, specs, max_shard_size="2GB", metadata=None, direct: bool = True):
+    self.direct = direct
     self.dir = Path(out_dir)
     self.metadata = {"format": "pt", **(metadata or {})}
     self.shards = plan_shards(specs, parse_size(max_shard_size))
@@ -294,7 +369,7 @@ class ShardedWriter:
     header["__metadata__"] = self.metadata
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    self.file = open(self.dir / self.names[i], "wb")
+    self.file = DirectFile(self.dir / self.names[i]) if self.direct else open(self.dir / self.names[i], "wb")
     self.file.write(struct.pack("<Q", len(blob)) + blob)
     self.shard_index = i
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from merging.options import MergeError, option_names
-from merging.stream import merge_checkpoints
+from merging.stream import CHUNK, merge_checkpoints
 
 _UNSET_IF_EMPTY = ("sparsify", "trim", "vote", "normalize", "rescale", "out_dtype", "include", "exclude")
 
@@ -33,4 +33,5 @@ def run_config(c) -> Path:
     raise MergeError(f"set {', '.join('--config.' + k for k in missing)}")
   return merge_checkpoints(c.base, _list(c.models, "models"), c.out, c.method, overwrite=c.overwrite,
                            max_shard_size=c.max_shard_size, progress=c.progress, mesh=c.mesh or None,
-                           low_memory=c.get("low_memory"), **options_from_config(c))
+                           low_memory=c.get("low_memory"), chunk=CHUNK if c.get("chunk") is None else c.chunk or None,
+                           **options_from_config(c))

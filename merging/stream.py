@@ -141,6 +141,7 @@ def merge_checkpoints(base, models: Sequence, out, method: str = "metagpt", *, o
   merger.report.set_models(model_dirs)
   merger.report.data["base"] = str(base_dir)
   merger.report.data["allocator"] = "low_memory" if low_memory else "tuned" if malloc.is_tuned() else "default"
+  merger.report.data["chunk"] = merger.chunk
   merger.prepare()  # statistics passes: before the output directory exists
   out_dtype = merger.opts.out_dtype
   specs = [(p.name, p.shape, np.dtype(out_dtype) if out_dtype and is_float(p.dtype) else p.dtype)

@@ -363,12 +363,14 @@ def test_stream_config_entry_point(zoo, tmp_path):
     run_config(c)
     report = json.loads((tmp_path / "o" / "merge_report.json").read_text())
     assert report["options"]["trim"] == "tensor" and report["options"]["normalize"] == "weight"
+    assert report["chunk"] == 1 << 22  # unset: merging.stream.CHUNK
     with pytest.raises(OutputExistsError):
         run_config(c)
     c.overwrite = True
-    c.method = "average"
+    c.method, c.chunk = "average", 0
     run_config(c)
-    assert json.loads((tmp_path / "o" / "merge_report.json").read_text())["method"] == "average"
+    report = json.loads((tmp_path / "o" / "merge_report.json").read_text())
+    assert report["method"] == "average" and report["chunk"] is None  # 0: whole tensors
 
 
 def bad_model(zoo, tmp_path, edit, config_edit=None):
@@ -561,10 +563,12 @@ def test_stream_writer_thread_error_propagates(zoo, tmp_path, monkeypatch, metho
     assert not merge_threads()
 
 
-def test_prefetcher_stays_within_depth():
-    """The read-ahead thread fetches each item once, in order, at most `depth` items ahead of the
-    consumer; a failing fetch is only a hint; leaving the block ends the thread."""
+def test_prefetcher_stays_within_its_byte_budget():
+    """The read-ahead thread fetches each item once, in order, ahead of the consumer by at most
+    `ahead` bytes of items (always the next item, however big); a failing fetch is only a hint;
+    leaving the block ends the thread."""
     from merging.engine import Prefetcher
+    sizes = [5, 1, 1, 1, 9, 1, 2, 2, 2, 30, 1, 1]
     seen = []
 
     def fetch(j):
@@ -572,13 +576,15 @@ def test_prefetcher_stays_within_depth():
         if j == 3:
             raise OSError("gone")
 
-    with Prefetcher(fetch, list(range(12)), depth=2) as ahead:
+    ahead = Prefetcher(fetch, list(range(12)), size=lambda j: sizes[j], ahead=4)
+    with ahead:
         for i in range(12):
             ahead.at(i)
-            time.sleep(0.002)
+            time.sleep(0.005)
     order = [j for j, _ in seen]
     assert order == sorted(set(order)) and order[-1] == 11 and 3 in order
-    assert all(j <= pos + 2 for j, pos in seen)
+    assert all(j <= pos + 1 or sum(sizes[pos + 1: j + 1]) <= 4 for j, pos in seen), seen
+    assert any(j == pos + 3 for j, pos in seen)  # small items: more than one ahead
     assert not merge_threads()
 
 

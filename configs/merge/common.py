@@ -40,6 +40,8 @@ def merge_config(method: str, **options) -> ml_collections.ConfigDict:
   # True: glibc returns freed buffers at once (peak RSS ~11x the largest tensor, slowest); False: it keeps
   # them; unset: False under launch.merge's tuned allocator (~13-21x, fastest), else True (calm_jax/malloc.py)
   c.low_memory = ml_collections.config_dict.placeholder(bool)
+  # entries per piece of a large tensor (unset: merging.stream.CHUNK, 4M); 0: whole tensors (merging/engine.py)
+  c.chunk = ml_collections.config_dict.placeholder(int)
   for k, v in {**OPTIONS, **options}.items():
     c[k] = v
   return c
