@@ -4,7 +4,8 @@
       --config.models=DIR1,DIR2 --config.out=DIR [--config.overwrite] [--config.<option>=...]
   python -m launch.merge --mergekit_yaml=FILE.yml --out=DIR [--overwrite] [--seed=N]
 
-It re-executes itself once under a tuned glibc allocator (calm_jax/malloc.py: ~1.6x faster).
+It re-executes itself once under a tuned glibc allocator (calm_jax/malloc.py: ~1.6x faster) and
+keeps compiled kernels in a persistent cache (calm_jax/compile_cache.py: later runs skip compiling).
 """
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -14,15 +15,19 @@ _YAML = flags.DEFINE_string("mergekit_yaml", None, "a mergekit YAML config to ru
 _OUT = flags.DEFINE_string("out", None, "output directory (with --mergekit_yaml)")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace --out if it exists (with --mergekit_yaml)")
 _SEED = flags.DEFINE_integer("seed", 0, "DARE seed (with --mergekit_yaml)")
+_CACHE = flags.DEFINE_string("compile_cache", None, "persistent XLA compile cache directory ('' off; default: "
+                             "$CALM_JAX_COMPILE_CACHE, else ~/.cache/calm_jax/xla; calm_jax/compile_cache.py)")
 
 
 def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  from calm_jax import compile_cache
   from calm_jax.atomic import OutputExistsError
   from calm_jax.safetensors_io import CheckpointError
   from merging.options import MergeError
+  compile_cache.enable(_CACHE.value)  # a second merge of the same shapes loads its kernels
   try:
     if _YAML.value:
       if _CONFIG.value is not None or not _OUT.value:

@@ -7,8 +7,13 @@ option, and it does not leak into subprocesses that tests start (they pick their
 Single-device code is unaffected: un-sharded arrays live on device 0 and computations run
 there as before.
 """
+import os
+
 import jax
 
+# The entry points tests start (`python -m launch.merge`) would keep compiled kernels in the user's
+# ~/.cache (calm_jax/compile_cache.py): off, so tests write only under their tmp dirs.
+os.environ.setdefault("CALM_JAX_COMPILE_CACHE", "")
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_enable_x64", False)
 
