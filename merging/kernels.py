@@ -41,7 +41,7 @@ LO_BINS = 1 << 16
 def _deltas(base, models):
   """θ_0 in fp32 and the task vectors τ_i = θ_i − θ_0, one array per model. A list, not a stacked
   [T, n]: T is small and static, and XLA on the CPU reduces a stack over T several times slower
-  than T − 1 elementwise adds (TIES on a 2.9M-entry tensor, 3 models: 261 → see docs/merging.md)."""
+  than T − 1 elementwise adds (TIES with a global threshold, 2.9M entries, 3 models: 261 → 49 ms)."""
   b = base.astype(F32)
   return b, [m.astype(F32) - b for m in models]
 
