@@ -18,12 +18,7 @@ import numpy as np
 
 from calm_jax.atomic import atomic_dir
 from calm_jax.models import ConfigError, Decoder, DecoderConfig, flatten, nest, param_specs
-from calm_jax.safetensors_io import CheckpointError, CheckpointReader, ShardedWriter
-
-# Files copied from a source HF directory when saving a derived model.
-AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-             "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "char_tokenizer.json",
-             "generation_config.json")
+from calm_jax.safetensors_io import AUX_FILES, CheckpointError, CheckpointReader, ShardedWriter
 IGNORED_HF = ("rotary_emb.inv_freq",)
 DTYPE_NAMES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 

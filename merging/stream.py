@@ -33,8 +33,7 @@ from jax.experimental import multihost_utils
 
 from calm_jax import malloc
 from calm_jax.atomic import atomic_dir, check_writable
-from calm_jax.hf import AUX_FILES
-from calm_jax.safetensors_io import BackgroundWriter, CheckpointReader, ShardedWriter
+from calm_jax.safetensors_io import AUX_FILES, BackgroundWriter, CheckpointReader, ShardedWriter
 from merging.engine import Merger, is_float
 from merging.options import MergeError, resolve_checked
 
