@@ -15,6 +15,7 @@ import mmap
 import os
 import struct
 import threading
+import weakref
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -124,6 +125,7 @@ class SafetensorsFile:
                               f"file has {size}")
       self.entries[name] = (DTYPES[code], shape, begin)
     self._mmap = None
+    self._direct = None  # O_DIRECT descriptor once opened; -1 where the file system refuses it
 
   def keys(self) -> list[str]:
     return list(self.entries)
@@ -168,6 +170,56 @@ class SafetensorsFile:
         os.posix_fadvise(fd, off, min(chunk, end - off), os.POSIX_FADV_WILLNEED)
     finally:
       os.close(fd)
+
+  def in_page_cache(self, name) -> bool:
+    """Whether the tensor's bytes look resident in the page cache: three probe reads (start,
+    middle, end) that may not wait for the disk (RWF_NOWAIT) all succeed. False where unsupported."""
+    if name not in self.entries or not hasattr(os, "RWF_NOWAIT"):
+      return False
+    start, end = self._span(name)
+    probe = bytearray(1)
+    fd = os.open(self.path, os.O_RDONLY)
+    try:
+      for at in {start, (start + end) // 2, max(start, end - 1)}:
+        if os.preadv(fd, [probe], at, os.RWF_NOWAIT) != 1:
+          return False
+      return True
+    except OSError:  # EAGAIN: not resident; EOPNOTSUPP: the file system cannot tell
+      return False
+    finally:
+      os.close(fd)
+
+  def read_direct(self, name) -> np.ndarray | None:
+    """The tensor read past the page cache (O_DIRECT) into a new aligned array; None where the file
+    system refuses O_DIRECT (then read `get`'s memory map).
+
+    For streaming consumers that read each byte once: on the 2-core benchmark VM, reading the 0.48B
+    merge benchmark's inputs (cold) took 4.3-4.5 s this way against 6.9-8.1 s through the page cache.
+    """
+    if self._direct is None:
+      try:
+        self._direct = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
+        weakref.finalize(self, os.close, self._direct)
+      except (OSError, AttributeError):
+        self._direct = -1
+    if self._direct < 0 or name not in self.entries:
+      return None
+    start, end = self._span(name)
+    lo, hi = start // DirectFile.BLOCK * DirectFile.BLOCK, -(-end // DirectFile.BLOCK) * DirectFile.BLOCK
+    raw = np.empty(hi - lo + DirectFile.BLOCK, np.uint8)
+    skip = -raw.ctypes.data % DirectFile.BLOCK
+    buf, got = raw[skip: skip + hi - lo], 0
+    try:
+      while got < end - lo:
+        n = os.preadv(self._direct, [memoryview(buf[got:])], lo + got)
+        if n <= 0:
+          raise CheckpointError(f"{self.path}: truncated while reading tensor {name}")
+        got += n
+    except OSError:  # EINVAL: O_DIRECT opened but not supported for reads here
+      self._direct = -1
+      return None
+    dt, shape, _ = self.entries[name]
+    return buf[start - lo: end - lo].view(dt).reshape(shape)
 
   def release(self, name) -> None:
     """Drops the tensor's pages from this process's resident set (they stay in the page cache).
@@ -246,6 +298,12 @@ class CheckpointReader:
   def prefetch(self, name) -> None:
     if name in self.location:
       self.files[self.location[name]].prefetch(name)
+
+  def read_direct(self, name) -> np.ndarray | None:
+    return self.files[self.location[name]].read_direct(name) if name in self.location else None
+
+  def in_page_cache(self, name) -> bool:
+    return name in self.location and self.files[self.location[name]].in_page_cache(name)
 
   def release(self, name) -> None:
     if name in self.location:

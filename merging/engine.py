@@ -174,11 +174,10 @@ class Prefetcher:
 
   The consumer calls `at(i)` when it starts item i; the thread then fetches, in order and once
   each, the items after i while their `size`s (bytes) sum to at most `ahead` (and always item
-  i + 1), then waits. The budget is in bytes, not items, because tensor sizes span four orders of
+  i + 1), then waits; it never fetches the item the consumer is at or has passed. The budget is in bytes, not items, because tensor sizes span four orders of
   magnitude (norms to embeddings): two items ahead left the disk idle behind small tensors (cold
   cache, 0.48B task arithmetic: merge 8.8-11 s with two tensors ahead, 9.3-10.7 s with none, 8.3-8.5 s
-  with 1 GiB). The fetched pages land in the page cache, not in RSS. Items the consumer has passed are
-  skipped. Fetching is a hint: its errors are ignored (the consumer reads, and reports errors,
+  with 1 GiB into the page cache). Fetching is a hint: its errors are ignored (the consumer reads, and reports errors,
   itself). A context manager: leaving it stops the thread.
   """
 
@@ -214,7 +213,7 @@ class Prefetcher:
           self._cv.wait()
         if self._stop:
           return
-        if j < self._pos:
+        if j <= self._pos:  # the consumer reads it already
           continue
       try:
         self.fetch(item)
@@ -313,7 +312,8 @@ class Merger:
     if not self.prefetch or len(plans) < 2:
       yield from plans
       return
-    with Prefetcher(self._fetch, plans, self._fetch_bytes, READ_AHEAD) as ahead:
+    budget = getattr(self.source, "read_ahead", lambda largest: None)(max(map(self._fetch_bytes, plans)))
+    with Prefetcher(self._fetch, plans, self._fetch_bytes, budget or READ_AHEAD) as ahead:
       for i, p in enumerate(plans):
         ahead.at(i)
         yield p

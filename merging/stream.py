@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import json
 import shutil
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -41,13 +42,28 @@ REPORT_NAME = "merge_report.json"
 CHUNK = 1 << 22  # entries per piece of a large tensor (16 MB of fp32 temporaries per model)
 
 
-class CheckpointSource:
-  """`engine.Source` over HF directories (model -1 is the base)."""
+_READING, _CONSUMED = object(), object()
 
-  def __init__(self, base_dir, model_dirs: Sequence):
+
+class CheckpointSource:
+  """`engine.Source` over HF directories (model -1 is the base).
+
+  With `direct` (the default) the read-ahead thread reads each upcoming tensor that is not in the
+  page cache already past it (`SafetensorsFile.read_direct`), into memory that `get` then hands
+  out, at most one largest tensor's inputs ahead (that memory counts in RSS); `get` waits for a read in
+  flight. Cold inputs of the 0.48B benchmark: 4.3-4.5 s to read this way, 6.9-8.1 s through the page
+  cache. A tensor not read ahead (the first, one the merge reached first, one in the page cache)
+  comes from the memory map, and where the file system refuses O_DIRECT the read-ahead only asks
+  the OS to fill the page cache.
+  """
+
+  def __init__(self, base_dir, model_dirs: Sequence, direct: bool = True):
     self.dirs = [Path(d) for d in model_dirs] + [Path(base_dir)]  # index -1 is the base
     self.readers = [CheckpointReader(d) for d in self.dirs]
     self.num_models = len(model_dirs)
+    self.direct = direct
+    self._read: dict = {}  # (model, name) -> array read ahead, _READING, or _CONSUMED (served from the map)
+    self._cv = threading.Condition()
 
   def names(self, i):
     return self.readers[i].location
@@ -58,18 +74,50 @@ class CheckpointSource:
   def dtype(self, i, name):
     return self.readers[i].dtype(name)
 
+  def read_ahead(self, largest: int) -> int | None:
+    """Bytes to read ahead, given the largest item's (`engine.Prefetcher`): direct reads land in
+    memory, so one largest item (a double buffer: peak RSS stays a few tensors); None, the engine's
+    default, for the page cache."""
+    return largest if self.direct else None
+
   def get(self, i, name):
-    return self.readers[i].get(name)
+    with self._cv:
+      while self._read.get((i, name)) is _READING:
+        self._cv.wait()
+      x = self._read.setdefault((i, name), _CONSUMED)
+    return self.readers[i].get(name) if x is _CONSUMED else x
 
   def prefetch(self, i, name):
-    """Starts reading model i's tensor into the page cache (a hint; `engine.Prefetcher` calls it)."""
+    """Reads model i's tensor ahead (`direct`), else asks the OS to read it into the page cache; a
+    hint that `engine.Prefetcher` calls from its thread."""
+    if self.direct:
+      key = (i, name)
+      with self._cv:
+        if key in self._read:
+          return
+        self._read[key] = _READING
+      x = None
+      try:  # a tensor already in the page cache is cheaper to map than to read from the disk again
+        x = None if self.readers[i].in_page_cache(name) else self.readers[i].read_direct(name)
+      finally:
+        with self._cv:
+          if x is not None and self._read.get(key) is _READING:
+            self._read[key] = x
+          elif self._read.get(key) is _READING:  # refused (or failed): the map serves it
+            del self._read[key]
+          self._cv.notify_all()
+      if x is not None:
+        return
     self.readers[i].prefetch(name)
 
   def origin(self, i):
     return f"{'the base' if i < 0 else f'model {i}'} ({self.dirs[i]})"
 
   def release(self, name):
-    """Drops the tensor's mmap pages from RSS in every model (after it is merged / counted)."""
+    """Drops the tensor, read ahead or mapped, in every model (after it is merged / counted)."""
+    with self._cv:
+      for i in range(-1, self.num_models):
+        self._read.pop((i, name), None)  # one still being read is dropped when it arrives
     for r in self.readers:
       r.release(name)
 
@@ -134,7 +182,9 @@ def merge_checkpoints(base, models: Sequence, out, method: str = "metagpt", *, o
     if d.absolute() == out:
       raise MergeError(f"output {out} is one of the input models")
   base_cfg = check_architectures(base_dir, model_dirs)
-  source = CheckpointSource(base_dir, model_dirs)
+  # direct reads allocate in the read-ahead thread: under glibc's defaults that thread's arena keeps
+  # what the main thread frees (peak RSS above one model in tests/test_merging_memory.py)
+  source = CheckpointSource(base_dir, model_dirs, direct=low_memory or malloc.is_tuned())
   merger = Merger(source, resolve_checked(method, len(model_dirs), options), progress=progress, mesh=mesh,
                   prefetch=pipeline, chunk=chunk)
   merger.report.set_models(model_dirs)

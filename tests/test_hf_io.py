@@ -151,6 +151,31 @@ def _sample_arrays(rng):
     }
 
 
+def test_direct_read_equals_the_memory_map(tmp_path):
+    """`read_direct` (O_DIRECT: block-aligned reads, the tensor cut out) gives every tensor exactly as
+    the memory map does, at odd offsets, across block boundaries, up to the file's unaligned end; and
+    refuses (None) once the file system does. `in_page_cache` sees a file just read as resident."""
+    rng = np.random.RandomState(1)
+    arrays = {**_sample_arrays(rng), "big": rng.standard_normal((3001,)).astype(np.float32),
+              "odd": rng.randint(0, 255, (4099,)).astype(np.uint8), "tail": rng.standard_normal((3,)).astype(np.float16)}
+    with ShardedWriter(tmp_path, [(k, a.shape, a.dtype) for k, a in arrays.items()], direct=False) as w:
+        for k, a in arrays.items():
+            w.write(k, a)
+    f = SafetensorsFile(tmp_path / "model.safetensors")
+    assert os.path.getsize(f.path) % 4096  # the last tensor ends off a block boundary
+    for k, a in arrays.items():
+        got = f.read_direct(k)
+        if got is None:  # this file system refuses O_DIRECT: the memory map serves
+            assert f._direct == -1
+            continue
+        assert got.dtype == a.dtype and got.shape == a.shape, k
+        np.testing.assert_array_equal(got, a, err_msg=k)
+    f.path.read_bytes()
+    assert f.in_page_cache("big") == hasattr(os, "RWF_NOWAIT")
+    f._direct = -1
+    assert f.read_direct("big") is None
+
+
 @pytest.mark.parametrize("refuse", [False, True])
 def test_direct_file_writes_the_bytes_given(tmp_path, monkeypatch, refuse):
     """`DirectFile` (O_DIRECT through an 8 KiB staging buffer here) leaves exactly the bytes written:

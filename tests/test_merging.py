@@ -478,18 +478,24 @@ PIPELINE_CASES = {
 
 @pytest.mark.parametrize("case", list(PIPELINE_CASES))
 def test_stream_pipeline_equals_serial(zoo, tmp_path, monkeypatch, case):
-    """Read-ahead + write-behind give the serial merge's files byte for byte, and the same report."""
+    """Read-ahead (direct reads into memory here: the page cache is said to be cold) + write-behind
+    give the serial merge's files (memory maps only) byte for byte, and the same report."""
+    from calm_jax.safetensors_io import SafetensorsFile
     from merging.stream import CheckpointSource
     base, fts = zoo
-    fetched = []
-    prefetch = CheckpointSource.prefetch
+    fetched, direct = [], []
+    prefetch, read_direct = CheckpointSource.prefetch, SafetensorsFile.read_direct
     monkeypatch.setattr(CheckpointSource, "prefetch", lambda self, i, n: fetched.append(n) or prefetch(self, i, n))
+    monkeypatch.setattr(SafetensorsFile, "in_page_cache", lambda self, n: False)
+    monkeypatch.setattr(SafetensorsFile, "read_direct", lambda self, n: direct.append(read_direct(self, n))
+                        or direct[-1])
     outs = {}
     for pipeline in (False, True):
         fetched.clear()
         outs[pipeline] = merging.merge_checkpoints(base, fts, tmp_path / f"p{pipeline}", progress=False,
                                                    max_shard_size="4KB", pipeline=pipeline, **PIPELINE_CASES[case])
         assert bool(fetched) == pipeline
+    assert direct and (all(x is not None for x in direct) or all(x is None for x in direct))  # None: no O_DIRECT here
     files = sorted(p.name for p in outs[False].iterdir())
     assert files == sorted(p.name for p in outs[True].iterdir()) and len(files) > 5
     for f in files:

@@ -7,11 +7,13 @@ own peak RSS. The baseline is the same subprocess merging a tiny checkpoint of t
 (same modules, the same number of kernel compiles, negligible tensors), so the difference is what
 the tensors cost. Bounds, as multiples of the largest tensor:
 - `low_memory=True` (glibc returns freed blocks at once): growth ≤ 16× (≈ 67 MB), where holding
-  one model would cost 28× and the inputs 84×.
+  one model would cost 28× and the inputs 84×; measured 12.3-13.9× (10-13.6× before the merge read
+  its inputs ahead into memory: the next tensor's 3 inputs, `merging.stream.CheckpointSource`).
 - under `TUNED` (`launch.merge`'s allocator: one arena, never trimmed, so the peak is the heap's
   high-water mark, and where freed blocks land depends on thread timing): measured 12.5-21× over
-  20 runs, the same with 8 or 16 layers. Asserted ≤ 24× on a 16-layer model (one model 54×, the
-  inputs 162×), so the bound stays well under one model.
+  20 runs without the read-ahead into memory, the same with 8 or 16 layers, and 16.2-21.7× over 8
+  runs with it. Asserted ≤ 27× (24 + the 3 tensors read ahead) on a 16-layer model (one model
+  54×, the inputs 162×), so the bound stays at half a model.
 - `low_memory=False` under glibc's defaults (freed temporaries kept in per-thread arenas;
   measured 19-25×): the merge must still stream: growth below one model.
 """
@@ -29,11 +31,11 @@ from calm_jax.malloc import TUNED
 from calm_jax.safetensors_io import ShardedWriter
 
 ROOT = Path(__file__).resolve().parents[1]
-BOUND_TUNED = 24  # the same buffers, reused rather than returned, plus one arena's fragmentation
-BOUND = 16  # × the largest tensor: its 3 mapped inputs, their 3 device copies, 2 fp32 task vectors,
-            # the fp32 merge, the output (≈ 10 buffers), plus XLA scratch and compiled kernels for
-            # the big shapes that the tiny baseline does not have (measured 10.6–12.6×, varying
-            # with load); still below one model (117 MB) and a seventh of the inputs (350 MB).
+BOUND_TUNED = 27  # the same buffers, reused rather than returned, plus one arena's fragmentation
+BOUND = 16  # × the largest tensor: its 3 inputs, their 3 device copies, 2 fp32 task vectors, the
+            # fp32 merge, the output, the next tensor's 3 inputs read ahead, plus XLA scratch and
+            # compiled kernels for the big shapes that the tiny baseline does not have (measured
+            # 12.3-13.9×); still below one model (117 MB) and a fifth of the inputs (350 MB).
 
 # Peak RSS is the child's VmHWM, not ru_maxrss: a child started by `subprocess` (vfork + exec)
 # inherits the parent's peak in ru_maxrss, so after other tests grew the pytest process the
