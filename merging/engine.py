@@ -57,7 +57,8 @@ class Source(Protocol):
   def where(self, i: int, name: str) -> str: ...           # "tensor X in FILE", for error messages
   def origin(self, i: int) -> str: ...                     # "model 1 (DIR)", for error messages
   def release(self, name: str) -> None: ...                # done with tensor `name` in every model (frees mmap pages)
-  # Optional: `prefetch(i, name)` starts reading the tensor ahead of `get` (a hint, called from a thread).
+  # Optional: `prefetch(i, name)` starts reading the tensor ahead of `get` (a hint, called from a thread);
+  # `read_ahead(largest)`: how many bytes to read ahead, given the largest tensor's inputs (None: READ_AHEAD).
 
 
 @dataclasses.dataclass(frozen=True)
