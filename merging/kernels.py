@@ -51,12 +51,36 @@ def _sum(xs):
   return functools.reduce(jnp.add, xs)
 
 
-def _per_model_sum(xs):
-  return jnp.stack([jnp.sum(x) for x in xs])
+ROW = 1024  # entries per row of `_sums`' first stage
 
 
-def _finite(base, models):
-  return jnp.stack([jnp.isfinite(base.astype(F32)).all()] + [jnp.isfinite(m.astype(F32)).all() for m in models])
+def _sums(xs):
+  """The sums of equally long 1-D arrays (each keeps its dtype), in one fused pass over their producers.
+
+  A variadic reduce: XLA on the CPU gives every `jnp.sum` its own pass over a materialised fp32
+  input, so a kernel's statistics cost more than its merge (7 sums over 4M entries: 44 ms; this:
+  6 ms). Rows of `ROW` entries are summed first, then the row sums (a short sequential chain per
+  row keeps fp32 rounding small); the tail past the last whole row is summed on its own.
+  """
+  n = xs[0].shape[0]
+  whole = n - n % ROW
+
+  def variadic(ys, axis):
+    zeros = tuple(jnp.zeros((), y.dtype) for y in ys)
+    return jax.lax.reduce(tuple(ys), zeros, lambda a, b: tuple(u + v for u, v in zip(a, b)), (axis,))
+
+  out = [jnp.zeros((), x.dtype) for x in xs]
+  if whole:
+    rows = variadic([x[:whole].reshape(-1, ROW) for x in xs], 1)
+    out = [o + jnp.sum(r) for o, r in zip(out, rows)]
+  if whole < n:
+    out = [o + t for o, t in zip(out, variadic([x[whole:] for x in xs], 0))]
+  return out
+
+
+def _nonfinite(xs):
+  """Count of NaN / Inf entries of each array (for `_sums`; zero: all finite)."""
+  return [(~jnp.isfinite(x)).astype(jnp.int32) for x in xs]
 
 
 def _bits(tau):
@@ -78,8 +102,10 @@ def _bincounts(idx, length, valid):
 def tensor_stats(base, models, *, histogram: bool = False, n: int | None = None):
   """Pass 1: {"sq": ‖τ_i‖² [T], "finite": [T+1] (base first), "hist": top-16-bit counts [T, 2¹⁵]}.
   `n`: the true size of zero-padded inputs (the padding is not counted)."""
-  _, tau = _deltas(base, models)
-  out = {"sq": _per_model_sum([t * t for t in tau]), "finite": _finite(base, models)}
+  b, tau = _deltas(base, models)
+  t_count = len(tau)
+  sums = _sums([t * t for t in tau] + _nonfinite([b, *(m.astype(F32) for m in models)]))
+  out = {"sq": jnp.stack(sums[:t_count]), "finite": jnp.stack(sums[t_count:]) == 0}
   if histogram:
     out["hist"] = _bincounts([(_bits(t) >> 16).astype(jnp.int32) for t in tau], HI_BINS, _valid(base.shape[0], n))
   return out
@@ -128,7 +154,8 @@ def _rescale(tau, kept, how, keep):
   if how == "inverse":
     return [k / F32(d) for k, d in zip(kept, keep)]
   if how == "l1":  # mergekit's rescaled_masked_tensor(norm=l1): per tensor and model
-    out = []
+    out = []  # jnp.sum, not `_sums`: these scale every merged value, and a mesh's per-device order
+    # matches jnp.sum's to the values' fp32 rounding, not `_sums`' rows (tests/test_merging_mesh.py)
     for t, k in zip(tau, kept):
       before, after = jnp.sum(jnp.abs(t)), jnp.sum(jnp.abs(k))
       scale = jnp.where((before < 1e-7) | (after < 1e-7), 1.0, before / jnp.where(after == 0, 1.0, after))
@@ -202,22 +229,27 @@ def _weighted_sum(base, models, weights, lam, spec: KernelSpec, out_dtype):
   """
   b = base.astype(F32)
   acc = jnp.zeros_like(b)
-  sq, kept, finite = [], [], [jnp.isfinite(b).all()]
+  tau = []
   for i, m in enumerate(models):
-    t = m.astype(F32) - b
-    acc = acc + weights[i] * t
-    sq.append(jnp.sum(t * t))
-    kept.append(jnp.sum((t != 0).astype(jnp.int32)))
-    finite.append(jnp.isfinite(m.astype(F32)).all())
+    tau.append(m.astype(F32) - b)
+    acc = acc + weights[i] * tau[-1]
   if spec.normalize == "count":
     acc = acc / F32(len(models))
   elif spec.normalize == "weight":
     d = jnp.sum(weights)
     acc = acc / jnp.where(jnp.abs(d) < 1e-8, 1.0, d)
   merged32 = b + acc * lam
-  stats = {"sq": jnp.stack(sq), "finite": jnp.stack(finite), "kept": jnp.stack(kept),
-           "delta_sq": jnp.sum(jnp.square(merged32 - b))}
+  stats = _merge_stats(b, models, tau, [(t != 0).astype(jnp.int32) for t in tau], merged32 - b)
   return merged32.astype(out_dtype), stats
+
+
+def _merge_stats(b, models, tau, contributes, delta):
+  """A merged tensor's statistics (`merge_tensor`) in one `_sums` pass; contributes: int32 0/1 per model."""
+  t_count = len(tau)
+  sums = _sums([t * t for t in tau] + _nonfinite([b, *(m.astype(F32) for m in models)]) + contributes
+               + [jnp.square(delta)])
+  return {"sq": jnp.stack(sums[:t_count]), "finite": jnp.stack(sums[t_count: 2 * t_count + 1]) == 0,
+          "kept": jnp.stack(sums[2 * t_count + 1: -1]), "delta_sq": sums[-1]}
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "n"))
@@ -237,7 +269,6 @@ def merge_tensor(base, models, weights, lam, thresholds, key, *, spec: KernelSpe
     merged, stats = _weighted_sum(base, models, weights, lam, spec, out_dtype)  # τ = 0 on padding: no term
     return (merged if valid is None else merged[:n]), stats
   b, tau = _deltas(base, models)
-  stats = {"sq": _per_model_sum([t * t for t in tau]), "finite": _finite(base, models)}
   if spec.mode == "linear":  # Σ w_i θ_i / Σ w_i
     merged32 = _sum([weights[i] * m.astype(F32) for i, m in enumerate(models)]) / jnp.sum(weights)
     contributes = [jnp.broadcast_to(weights[i] != 0, b.shape) for i in range(len(models))]
@@ -249,7 +280,6 @@ def merge_tensor(base, models, weights, lam, thresholds, key, *, spec: KernelSpe
   delta = merged32 - b
   if valid is not None:  # "linear" counts every entry of a weighted model
     contributes, delta = [c & valid for c in contributes], jnp.where(valid, delta, 0.0)
-  stats["kept"] = _per_model_sum([c.astype(jnp.int32) for c in contributes])
-  stats["delta_sq"] = jnp.sum(jnp.square(delta))
+  stats = _merge_stats(b, models, tau, [c.astype(jnp.int32) for c in contributes], delta)
   merged = merged32.astype(out_dtype)
   return (merged if valid is None else merged[:n]), stats

@@ -25,6 +25,7 @@ import functools
 import json
 import shutil
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -40,6 +41,7 @@ from merging.options import MergeError, resolve_checked
 
 REPORT_NAME = "merge_report.json"
 CHUNK = 1 << 22  # entries per piece of a large tensor (16 MB of fp32 temporaries per model)
+IO_THREADS = 4  # concurrent direct reads (`CheckpointSource`)
 
 
 _READING, _CONSUMED = object(), object()
@@ -54,16 +56,25 @@ class CheckpointSource:
   flight. Cold inputs of the 0.48B benchmark: 4.3-4.5 s to read this way, 6.9-8.1 s through the page
   cache. A tensor not read ahead (the first, one the merge reached first, one in the page cache)
   comes from the memory map, and where the file system refuses O_DIRECT the read-ahead only asks
-  the OS to fill the page cache.
+  the OS to fill the page cache. The reads run in `io_threads` threads, so the inputs of one tensor
+  (one file per model) are read at once: on the benchmark VM's disk four concurrent 64 MB direct
+  reads move 1.6-2.2 GB/s, one at a time 0.9-1.6 GB/s. Call `close` when done.
   """
 
-  def __init__(self, base_dir, model_dirs: Sequence, direct: bool = True):
+  def __init__(self, base_dir, model_dirs: Sequence, direct: bool = True, io_threads: int = IO_THREADS):
     self.dirs = [Path(d) for d in model_dirs] + [Path(base_dir)]  # index -1 is the base
     self.readers = [CheckpointReader(d) for d in self.dirs]
     self.num_models = len(model_dirs)
     self.direct = direct
     self._read: dict = {}  # (model, name) -> array read ahead, _READING, or _CONSUMED (served from the map)
     self._cv = threading.Condition()
+    self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="merge-read") if direct else None
+
+  def close(self) -> None:
+    """Stops the read threads (reads not started are dropped)."""
+    if self._pool is not None:
+      self._pool.shutdown(wait=True, cancel_futures=True)
+      self._pool = None
 
   def names(self, i):
     return self.readers[i].location
@@ -88,27 +99,41 @@ class CheckpointSource:
     return self.readers[i].get(name) if x is _CONSUMED else x
 
   def prefetch(self, i, name):
-    """Reads model i's tensor ahead (`direct`), else asks the OS to read it into the page cache; a
-    hint that `engine.Prefetcher` calls from its thread."""
-    if self.direct:
+    """Starts reading model i's tensor ahead (`direct`, in a read thread), else asks the OS to read
+    it into the page cache; a hint that `engine.Prefetcher` calls from its thread."""
+    if self.direct and self._pool is not None:
       key = (i, name)
       with self._cv:
         if key in self._read:
           return
         self._read[key] = _READING
-      x = None
-      try:  # a tensor already in the page cache is cheaper to map than to read from the disk again
-        x = None if self.readers[i].in_page_cache(name) else self.readers[i].read_direct(name)
-      finally:
+      try:
+        self._pool.submit(self._read_ahead, i, name)
+      except RuntimeError:  # closed: the map serves it
         with self._cv:
-          if x is not None and self._read.get(key) is _READING:
-            self._read[key] = x
-          elif self._read.get(key) is _READING:  # refused (or failed): the map serves it
-            del self._read[key]
+          self._read.pop(key, None)
           self._cv.notify_all()
-      if x is not None:
-        return
-    self.readers[i].prefetch(name)
+    else:
+      self.readers[i].prefetch(name)
+
+  def _read_ahead(self, i, name):
+    """A read thread's job: the tensor into memory, or (in the page cache, or O_DIRECT refused)
+    left to the memory map."""
+    key, x = (i, name), None
+    try:
+      # a tensor already in the page cache is cheaper to map than to read from the disk again
+      x = None if self.readers[i].in_page_cache(name) else self.readers[i].read_direct(name)
+    except Exception:  # a hint: the consumer reads (and reports errors) itself
+      pass
+    finally:
+      with self._cv:
+        if x is not None and self._read.get(key) is _READING:
+          self._read[key] = x
+        elif self._read.get(key) is _READING:  # refused (or failed): the map serves it
+          del self._read[key]
+        self._cv.notify_all()
+    if x is None:
+      self.readers[i].prefetch(name)
 
   def origin(self, i):
     return f"{'the base' if i < 0 else f'model {i}'} ({self.dirs[i]})"
@@ -185,37 +210,40 @@ def merge_checkpoints(base, models: Sequence, out, method: str = "metagpt", *, o
   # direct reads allocate in the read-ahead thread: under glibc's defaults that thread's arena keeps
   # what the main thread frees (peak RSS above one model in tests/test_merging_memory.py)
   source = CheckpointSource(base_dir, model_dirs, direct=low_memory or malloc.is_tuned())
-  merger = Merger(source, resolve_checked(method, len(model_dirs), options), progress=progress, mesh=mesh,
-                  prefetch=pipeline, chunk=chunk)
-  merger.report.set_models(model_dirs)
-  merger.report.data["base"] = str(base_dir)
-  merger.report.data["allocator"] = "low_memory" if low_memory else "tuned" if malloc.is_tuned() else "default"
-  merger.report.data["chunk"] = merger.chunk
-  merger.prepare()  # statistics passes: before the output directory exists
-  out_dtype = merger.opts.out_dtype
-  specs = [(p.name, p.shape, np.dtype(out_dtype) if out_dtype and is_float(p.dtype) else p.dtype)
-           for p in merger.plans]
-  if out_dtype:
-    base_cfg["dtype"] = out_dtype
-    base_cfg.pop("torch_dtype", None)
-  if not main:  # the collectives of every tensor, in the same order as process 0; it writes
-    for p, tensor in merger.merged():
-      to_host(tensor)
-      merger.done(p)
-    multihost_utils.sync_global_devices("merge_checkpoints: written")
-    return out
-  with atomic_dir(out, overwrite=overwrite) as tmp:
-    for f in AUX_FILES:
-      if (base_dir / f).exists():
-        shutil.copy2(base_dir / f, tmp / f)
-    (tmp / "config.json").write_text(json.dumps(base_cfg, indent=2))
-    # to_host (a collective on several hosts) stays in this thread, in plan order; the writer
-    # thread gets host memory, and frees a kept tensor's mapped pages once it is written.
-    with ShardedWriter(tmp, specs, max_shard_size, metadata={"merge_method": method}) as writer, \
-        BackgroundWriter(writer, threaded=pipeline) as background:
+  try:
+    merger = Merger(source, resolve_checked(method, len(model_dirs), options), progress=progress, mesh=mesh,
+                    prefetch=pipeline, chunk=chunk)
+    merger.report.set_models(model_dirs)
+    merger.report.data["base"] = str(base_dir)
+    merger.report.data["allocator"] = "low_memory" if low_memory else "tuned" if malloc.is_tuned() else "default"
+    merger.report.data["chunk"] = merger.chunk
+    merger.prepare()  # statistics passes: before the output directory exists
+    out_dtype = merger.opts.out_dtype
+    specs = [(p.name, p.shape, np.dtype(out_dtype) if out_dtype and is_float(p.dtype) else p.dtype)
+             for p in merger.plans]
+    if out_dtype:
+      base_cfg["dtype"] = out_dtype
+      base_cfg.pop("torch_dtype", None)
+    if not main:  # the collectives of every tensor, in the same order as process 0; it writes
       for p, tensor in merger.merged():
-        background.write(p.name, to_host(tensor).reshape(p.shape), then=functools.partial(merger.done, p))
-    merger.report.write(tmp / REPORT_NAME)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("merge_checkpoints: written")
-  return out
+        to_host(tensor)
+        merger.done(p)
+      multihost_utils.sync_global_devices("merge_checkpoints: written")
+      return out
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+      for f in AUX_FILES:
+        if (base_dir / f).exists():
+          shutil.copy2(base_dir / f, tmp / f)
+      (tmp / "config.json").write_text(json.dumps(base_cfg, indent=2))
+      # to_host (a collective on several hosts) stays in this thread, in plan order; the writer
+      # thread gets host memory, and frees a kept tensor's mapped pages once it is written.
+      with ShardedWriter(tmp, specs, max_shard_size, metadata={"merge_method": method}) as writer, \
+          BackgroundWriter(writer, threaded=pipeline) as background:
+        for p, tensor in merger.merged():
+          background.write(p.name, to_host(tensor).reshape(p.shape), then=functools.partial(merger.done, p))
+      merger.report.write(tmp / REPORT_NAME)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("merge_checkpoints: written")
+    return out
+  finally:
+    source.close()
