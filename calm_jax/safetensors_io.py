@@ -196,15 +196,23 @@ class SafetensorsFile:
     For streaming consumers that read each byte once: on the 2-core benchmark VM, reading the 0.48B
     merge benchmark's inputs (cold) took 4.3-4.5 s this way against 6.9-8.1 s through the page cache.
     """
+    got = self.read_direct_run([name])
+    return None if got is None else got[name]
+
+  def read_direct_run(self, names) -> dict[str, np.ndarray] | None:
+    """Tensors stored one after the other (`CheckpointReader.runs`) read past the page cache in one
+    request, as views of one aligned buffer (freed once no view is left); None as `read_direct`.
+    Large requests are what a disk is fast at: four threads reading the benchmark inputs moved
+    0.9-1.0 GB/s in 8 MB requests, 1.6-2.2 GB/s in 64 MB ones."""
     if self._direct is None:
       try:
         self._direct = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
         weakref.finalize(self, os.close, self._direct)
       except (OSError, AttributeError):
         self._direct = -1
-    if self._direct < 0 or name not in self.entries:
+    if self._direct < 0 or not names or any(n not in self.entries for n in names):
       return None
-    start, end = self._span(name)
+    start, end = self._span(names[0])[0], max(self._span(n)[1] for n in names)
     lo, hi = start // DirectFile.BLOCK * DirectFile.BLOCK, -(-end // DirectFile.BLOCK) * DirectFile.BLOCK
     raw = np.empty(hi - lo + DirectFile.BLOCK, np.uint8)
     skip = -raw.ctypes.data % DirectFile.BLOCK
@@ -213,13 +221,16 @@ class SafetensorsFile:
       while got < end - lo:
         n = os.preadv(self._direct, [memoryview(buf[got:])], lo + got)
         if n <= 0:
-          raise CheckpointError(f"{self.path}: truncated while reading tensor {name}")
+          raise CheckpointError(f"{self.path}: truncated while reading tensor {names[0]}")
         got += n
     except OSError:  # EINVAL: O_DIRECT opened but not supported for reads here
       self._direct = -1
       return None
-    dt, shape, _ = self.entries[name]
-    return buf[start - lo: end - lo].view(dt).reshape(shape)
+    out = {}
+    for name in names:
+      (a, b), (dt, shape, _) = self._span(name), self.entries[name]
+      out[name] = buf[a - lo: b - lo].view(dt).reshape(shape)
+    return out
 
   def release(self, name) -> None:
     """Drops the tensor's pages from this process's resident set (they stay in the page cache).
@@ -301,6 +312,28 @@ class CheckpointReader:
 
   def read_direct(self, name) -> np.ndarray | None:
     return self.files[self.location[name]].read_direct(name) if name in self.location else None
+
+  def read_direct_run(self, names) -> dict[str, np.ndarray] | None:
+    """`SafetensorsFile.read_direct_run` of a run from `runs`."""
+    return self.files[self.location[names[0]]].read_direct_run(names) if names[0] in self.location else None
+
+  def runs(self, names, max_bytes: int, max_gap: int = 1 << 20) -> list[list[str]]:
+    """`names` (in order) cut into runs that one read can fetch: tensors of one file, each starting
+    at most `max_gap` bytes after the previous one ends, at most `max_bytes` from the first byte
+    to the last (a bigger tensor is a run alone). Unknown names are left out."""
+    out, prev = [], None
+    for name in names:
+      if name not in self.location:
+        continue
+      f = self.files[self.location[name]]
+      start, end = f._span(name)
+      if prev and prev[0] is f and 0 <= start - prev[2] <= max_gap and end - prev[1] <= max_bytes:
+        out[-1].append(name)
+        prev = (f, prev[1], end)
+      else:
+        out.append([name])
+        prev = (f, start, end)
+    return out
 
   def in_page_cache(self, name) -> bool:
     return name in self.location and self.files[self.location[name]].in_page_cache(name)

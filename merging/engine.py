@@ -38,6 +38,7 @@ from merging.report import Report
 from merging.stats import ThresholdSearch, metagpt_lambdas, ties_rank
 
 
+ALIGN = 64  # bytes: the host-array alignment XLA's CPU client needs to use the memory as it is
 READ_AHEAD = 1 << 30  # bytes of input the `Prefetcher` asks the OS for ahead of the tensor merged (page cache, not RSS)
 
 
@@ -57,7 +58,8 @@ class Source(Protocol):
   def where(self, i: int, name: str) -> str: ...           # "tensor X in FILE", for error messages
   def origin(self, i: int) -> str: ...                     # "model 1 (DIR)", for error messages
   def release(self, name: str) -> None: ...                # done with tensor `name` in every model (frees mmap pages)
-  # Optional: `prefetch(i, name)` starts reading the tensor ahead of `get` (a hint, called from a thread);
+  # Optional: `prefetch(i, names)` starts reading tensors (consecutive in plan order) ahead of `get` (a
+  # hint, called from a thread);
   # `read_ahead(largest)`: how many bytes to read ahead, given the largest tensor's inputs (None: READ_AHEAD).
 
 
@@ -170,16 +172,45 @@ def _accumulate(total, st):
   return total.astype(np.float64 if total.dtype.kind == "f" else np.int64) + st
 
 
-class Prefetcher:
-  """One background thread that calls `fetch(item)` for the items after the one being processed.
+def _aligned(x):
+  """(y, k): y a view of x's memory from k entries before it, at an `ALIGN`-byte boundary, or (x, 0).
 
-  The consumer calls `at(i)` when it starts item i; the thread then fetches, in order and once
-  each, the items after i while their `size`s (bytes) sum to at most `ahead` (and always item
-  i + 1), then waits; it never fetches the item the consumer is at or has passed. The budget is in bytes, not items, because tensor sizes span four orders of
-  magnitude (norms to embeddings): two items ahead left the disk idle behind small tensors (cold
-  cache, 0.48B task arithmetic: merge 8.8-11 s with two tensors ahead, 9.3-10.7 s with none, 8.3-8.5 s
-  with 1 GiB into the page cache). Fetching is a hint: its errors are ignored (the consumer reads, and reports errors,
-  itself). A context manager: leaving it stops the thread.
+  XLA on the CPU takes a host array without a copy only at such an address, and tensors in a
+  safetensors file sit wherever its header ends (the 0.48B benchmark's: 16 bytes past one). Copying
+  every input cost 0.75 s of a 3.6 s cold task-arithmetic merge (memcpy here: 1-2 GB/s); a kernel
+  cuts x back out of y (`kernels`, `offsets`), which XLA fuses. Only where the bytes before x are
+  part of the same host buffer (the memory map of a file, a direct read's buffer): its root array is
+  1-D bytes.
+  """
+  if not isinstance(x, np.ndarray) or not x.flags.c_contiguous or x.ndim != 1:
+    return x, 0
+  miss = x.ctypes.data % ALIGN
+  if miss == 0 or miss % x.itemsize:
+    return x, 0
+  root = x
+  while isinstance(root.base, np.ndarray):
+    root = root.base
+  start = x.ctypes.data - root.ctypes.data - miss
+  if root.ndim != 1 or root.itemsize != 1 or not root.flags.c_contiguous or start < 0:
+    return x, 0
+  return root[start: start + miss + x.nbytes].view(x.dtype), miss // x.itemsize
+
+
+class Prefetcher:
+  """One background thread that calls `fetch(batch)` for runs of the items after the one being processed.
+
+  The consumer calls `at(i)` when it starts item i; the thread fetches, in order and once each,
+  the items after i while their `size`s (bytes) sum to at most `ahead` (and always item i + 1);
+  it never fetches the item the consumer is at or has passed. The budget is in bytes, not items,
+  because tensor sizes span four orders of magnitude (norms to embeddings): two items ahead left
+  the disk idle behind small tensors (cold cache, 0.48B task arithmetic: merge 8.8-11 s with two
+  tensors ahead, 9.3-10.7 s with none, 8.3-8.5 s with 1 GiB into the page cache).
+
+  Items go out in batches (a list of consecutive items per call), so a source can read adjacent
+  tensors in one large request: the thread waits until half the budget is free (or the consumer
+  needs the next item, or the rest fits) and then passes every item that fits. Fetching is a
+  hint: its errors are ignored (the consumer reads, and reports errors, itself). A context
+  manager: leaving it stops the thread.
   """
 
   def __init__(self, fetch: Callable, items: Sequence, size: Callable = lambda item: 1, ahead: int = 2):
@@ -207,19 +238,32 @@ class Prefetcher:
   def _too_far(self, j: int) -> bool:
     return j > self._pos + 1 and self._end[j + 1] - self._end[self._pos + 1] > self.ahead
 
+  def _batch(self, j: int) -> int | None:
+    """The end (exclusive) of the batch to fetch from item j now, or None to wait."""
+    k = j
+    while k < len(self.items) and not self._too_far(k):
+      k += 1
+    if k > j and (j == self._pos + 1 or k == len(self.items) or 2 * (self._end[k] - self._end[j]) >= self.ahead):
+      return k
+    return None
+
   def _run(self) -> None:
-    for j, item in enumerate(self.items):
+    j = 0
+    while True:
       with self._cv:
-        while not self._stop and self._too_far(j):
+        while True:
+          j = max(j, self._pos + 1)  # the consumer reads the items up to its own
+          if self._stop or j >= len(self.items):
+            return
+          k = self._batch(j)
+          if k is not None:
+            break
           self._cv.wait()
-        if self._stop:
-          return
-        if j <= self._pos:  # the consumer reads it already
-          continue
       try:
-        self.fetch(item)
+        self.fetch(self.items[j:k])
       except Exception:
         pass
+      j = k
 
 
 class Merger:
@@ -255,14 +299,16 @@ class Merger:
     if self.chunk is None or p.crops or size <= 2 * self.chunk:
       return [slice(0, size)]
     step = -(-size // -(-size // self.chunk))
+    if self.chunk >= ALIGN:  # every piece as aligned as the tensor (`_aligned`: one compile per length)
+      step = min(-(-step // ALIGN) * ALIGN, self.chunk // ALIGN * ALIGN)
     return [slice(a, min(a + step, size)) for a in range(0, size, step)]
 
   def _stats(self, p: TensorPlan, kernel: Callable, *args, **kw):
     """`kernel`'s statistics of tensor p on the host, summed over its pieces ("finite": all)."""
     total = None
     for piece in self._pieces(p):
-      base, models, n = self._inputs(p, piece)
-      st = jax.device_get(kernel(base, models, *args, n=n, **kw))
+      base, models, where = self._inputs(p, piece)
+      st = jax.device_get(kernel(base, models, *args, **where, **kw))
       total = st if total is None else _accumulate(total, st)
     return total
 
@@ -278,20 +324,22 @@ class Merger:
     return search.thresholds(ranks, bins, rest)
 
   def _inputs(self, p: TensorPlan, piece: slice = slice(None)):
-    """(base, (model tensors), n): cut to the base shape and flattened (the kernels are shape-agnostic),
-    or the flat `piece` of that. On a mesh they are split over the devices, zero-padded to a multiple
-    of the device count where their size does not divide; n is then their true size (the kernels'
-    `n`), else None."""
+    """(base, (model tensors), kernel keywords): cut to the base shape and flattened (the kernels are
+    shape-agnostic), or the flat `piece` of that. On one device host arrays go as `_aligned` views
+    (keyword `offsets`). On a mesh they are split over the devices, zero-padded to a multiple of the
+    device count where their size does not divide (keyword `n`: their true size)."""
     models = []
     for i in range(self.source.num_models):
       x = self.source.get(i, p.name)
       models.append((x[p.crops[i]] if p.crops and p.crops[i] is not None else x).reshape(-1)[piece])
     base = self.source.get(-1, p.name).reshape(-1)[piece]
     if self.sharding is None:
-      return base, tuple(models), None
+      (base, k), *aligned = map(_aligned, (base, *models))
+      offsets = (k, *(j for _, j in aligned))
+      return base, tuple(m for m, _ in aligned), {"offsets": offsets} if any(offsets) else {}
     size = -(-base.size // self.mesh.size) * self.mesh.size
     return (_put(base, self.sharding, size), tuple(_put(m, self.sharding, size) for m in models),
-            None if size == base.size else base.size)
+            {} if size == base.size else {"n": base.size})
 
   def _check_finite(self, name, finite) -> None:
     finite = np.asarray(finite)
@@ -299,10 +347,12 @@ class Merger:
       bad = [self.source.where(i - 1, name) for i in np.flatnonzero(~finite)]
       raise MergeError(f"NaN or Inf in {'; '.join(bad)}")
 
-  def _fetch(self, p: TensorPlan) -> None:
-    """Reads ahead what processing `p` reads: every model's tensor, or the base's alone if kept."""
-    for i in ((-1, *range(self.source.num_models)) if p.merge else (-1,)):
-      self.source.prefetch(i, p.name)
+  def _fetch(self, plans: list[TensorPlan]) -> None:
+    """Reads ahead what processing `plans` reads: every model's tensors, the base's alone where kept."""
+    for i in (-1, *range(self.source.num_models)):
+      names = [p.name for p in plans if p.merge or i < 0]
+      if names:
+        self.source.prefetch(i, names)
 
   def _fetch_bytes(self, p: TensorPlan) -> int:
     """What `_fetch(p)` reads."""
@@ -388,9 +438,9 @@ class Merger:
     key = kernels.tensor_key(opts.seed, p.name) if key is None else key
     merged, st = None, None
     for piece in pieces:
-      base, models, n = self._inputs(p, piece)
+      base, models, where = self._inputs(p, piece)
       part, part_st = kernels.merge_tensor(base, models, self.weights, np.float32(opts.lam), thresholds, key,
-                                           spec=spec, n=n)
+                                           spec=spec, **where)
       part_st = jax.device_get(part_st)  # the kernel has run: its inputs are not read again
       if len(pieces) == 1:
         return part, part_st

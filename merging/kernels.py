@@ -38,6 +38,15 @@ HI_BINS = 1 << 15   # top 16 bits of a non-negative fp32 (sign bit 0)
 LO_BINS = 1 << 16
 
 
+def _cut(base, models, offsets):
+  """The inputs out of their aligned host views (`engine._aligned`): each from entry offsets[j] on,
+  as many entries as the base has past its own offset. offsets: None (no cut) or (base, *models)."""
+  if not offsets:
+    return base, tuple(models)
+  size = base.shape[0] - offsets[0]
+  return base[offsets[0]:], tuple(m[k: k + size] for m, k in zip(models, offsets[1:]))
+
+
 def _deltas(base, models):
   """θ_0 in fp32 and the task vectors τ_i = θ_i − θ_0, one array per model. A list, not a stacked
   [T, n]: T is small and static, and XLA on the CPU reduces a stack over T several times slower
@@ -98,10 +107,11 @@ def _bincounts(idx, length, valid):
   return jnp.stack([jnp.bincount(h, w, length=length) for h in idx])
 
 
-@functools.partial(jax.jit, static_argnames=("histogram", "n"))
-def tensor_stats(base, models, *, histogram: bool = False, n: int | None = None):
+@functools.partial(jax.jit, static_argnames=("histogram", "n", "offsets"))
+def tensor_stats(base, models, *, histogram: bool = False, n: int | None = None, offsets: tuple | None = None):
   """Pass 1: {"sq": ‖τ_i‖² [T], "finite": [T+1] (base first), "hist": top-16-bit counts [T, 2¹⁵]}.
-  `n`: the true size of zero-padded inputs (the padding is not counted)."""
+  `n`: the true size of zero-padded inputs (the padding is not counted); `offsets`: as `_cut`."""
+  base, models = _cut(base, models, offsets)
   b, tau = _deltas(base, models)
   t_count = len(tau)
   sums = _sums([t * t for t in tau] + _nonfinite([b, *(m.astype(F32) for m in models)]))
@@ -111,10 +121,11 @@ def tensor_stats(base, models, *, histogram: bool = False, n: int | None = None)
   return out
 
 
-@functools.partial(jax.jit, static_argnames=("n",))
-def low_histogram(base, models, hi_bin, *, n: int | None = None):
+@functools.partial(jax.jit, static_argnames=("n", "offsets"))
+def low_histogram(base, models, hi_bin, *, n: int | None = None, offsets: tuple | None = None):
   """Pass 2: counts [T, 2¹⁶] of the low 16 bits of |τ_i| among entries whose top bits equal hi_bin[i]
-  (`n` as in `tensor_stats`)."""
+  (`n`, `offsets` as in `tensor_stats`)."""
+  base, models = _cut(base, models, offsets)
   _, tau = _deltas(base, models)
   valid = _valid(base.shape[0], n)
   rows = []
@@ -252,17 +263,19 @@ def _merge_stats(b, models, tau, contributes, delta):
           "kept": jnp.stack(sums[2 * t_count + 1: -1]), "delta_sq": sums[-1]}
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "n"))
-def merge_tensor(base, models, weights, lam, thresholds, key, *, spec: KernelSpec, n: int | None = None):
+@functools.partial(jax.jit, static_argnames=("spec", "n", "offsets"))
+def merge_tensor(base, models, weights, lam, thresholds, key, *, spec: KernelSpec, n: int | None = None,
+                 offsets: tuple | None = None):
   """One merged tensor and its statistics.
 
   base: the θ_0 tensor, flattened; models: tuple of T flattened θ_i tensors of its size;
   weights: w_i [T] fp32; lam: λ; thresholds: global TIES thresholds [T] (unused unless spec.trim == "global");
   key: the tensor's DARE key (`tensor_key`); n: the true size of zero-padded inputs (the merged
-  tensor has n entries, the statistics cover them only). Returns (merged in the storage dtype,
+  tensor has n entries, the statistics cover them only); offsets: as `_cut`. Returns (merged in the storage dtype,
   {"kept": entries of each model that contribute [T], "delta_sq": ‖merged − θ_0‖² in fp32,
   "sq": ‖τ_i‖² [T], "finite": [T+1]}).
   """
+  base, models = _cut(base, models, offsets)
   out_dtype = jnp.dtype(spec.out_dtype) if spec.out_dtype else base.dtype
   valid = _valid(base.shape[0], n)
   if spec.mode != "linear" and spec.sparsify == "none" and not spec.consensus:

@@ -22,7 +22,7 @@ import transformers
 from calm_jax import hf, safetensors_io
 from calm_jax.atomic import OutputExistsError
 from calm_jax.models import ConfigError, flatten
-from calm_jax.safetensors_io import CheckpointError, SafetensorsFile, ShardedWriter
+from calm_jax.safetensors_io import CheckpointError, CheckpointReader, SafetensorsFile, ShardedWriter
 
 ROUND_TRIP_CASES = ["llama_gqa", "mistral_window", "qwen2_tied"]
 
@@ -174,6 +174,41 @@ def test_direct_read_equals_the_memory_map(tmp_path):
     assert f.in_page_cache("big") == hasattr(os, "RWF_NOWAIT")
     f._direct = -1
     assert f.read_direct("big") is None
+
+
+def test_direct_runs_read_adjacent_tensors_as_the_memory_map_does(tmp_path):
+    """`CheckpointReader.runs` cuts names into runs of adjacent tensors of one file (a new run at a
+    shard boundary, a gap, a byte cap, or a name out of file order); `read_direct_run` gives each
+    run's tensors exactly as the memory maps do."""
+    rng = np.random.RandomState(2)
+    arrays = {f"t{i:02d}": rng.standard_normal((int(rng.randint(1, 1200)),)).astype(np.float32) for i in range(16)}
+    sizes = {k: a.nbytes for k, a in arrays.items()}
+    with ShardedWriter(tmp_path, [(k, a.shape, a.dtype) for k, a in arrays.items()], max_shard_size=20000,
+                       direct=False) as w:
+        for k, a in arrays.items():
+            w.write(k, a)
+    r = CheckpointReader(tmp_path)
+    assert len(r.files) > 2
+    names = list(arrays)
+    runs = r.runs(names, max_bytes=1 << 30)
+    assert [n for run in runs for n in run] == names
+    assert [len({r.location[n] for n in run}) for run in runs] == [1] * len(runs)  # one file each
+    assert len(runs) == len(r.files)  # adjacent within a shard: one run per shard
+    capped = r.runs(names, max_bytes=max(sizes.values()) + 1)
+    assert all(len(run) == 1 or sum(sizes[n] for n in run) <= max(sizes.values()) + 1 for run in capped)
+    assert len(capped) > len(runs)
+    assert [len(run) for run in r.runs(names[::-1], max_bytes=1 << 30)] == [1] * len(names)  # out of order
+    a, b, c = next(run for run in runs if len(run) >= 3)[:3]
+    assert r.runs([a, c], max_bytes=1 << 30, max_gap=0) == [[a], [c]]  # b's bytes between them
+    assert r.runs([a, c], max_bytes=1 << 30) == [[a, c]]
+    for run in capped + runs + [[a, c]]:
+        got = r.read_direct_run(run)
+        if got is None:  # this file system refuses O_DIRECT
+            continue
+        assert list(got) == run
+        for k in run:
+            np.testing.assert_array_equal(got[k], arrays[k], err_msg=k)
+            np.testing.assert_array_equal(got[k], r.get(k), err_msg=k)
 
 
 @pytest.mark.parametrize("refuse", [False, True])

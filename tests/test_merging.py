@@ -484,10 +484,10 @@ def test_stream_pipeline_equals_serial(zoo, tmp_path, monkeypatch, case):
     from merging.stream import CheckpointSource
     base, fts = zoo
     fetched, direct = [], []
-    prefetch, read_direct = CheckpointSource.prefetch, SafetensorsFile.read_direct
-    monkeypatch.setattr(CheckpointSource, "prefetch", lambda self, i, n: fetched.append(n) or prefetch(self, i, n))
+    prefetch, read_run = CheckpointSource.prefetch, SafetensorsFile.read_direct_run
+    monkeypatch.setattr(CheckpointSource, "prefetch", lambda self, i, n: fetched.extend(n) or prefetch(self, i, n))
     monkeypatch.setattr(SafetensorsFile, "in_page_cache", lambda self, n: False)
-    monkeypatch.setattr(SafetensorsFile, "read_direct", lambda self, n: direct.append(read_direct(self, n))
+    monkeypatch.setattr(SafetensorsFile, "read_direct_run", lambda self, n: direct.append(read_run(self, n))
                         or direct[-1])
     outs = {}
     for pipeline in (False, True):
@@ -496,6 +496,7 @@ def test_stream_pipeline_equals_serial(zoo, tmp_path, monkeypatch, case):
                                                    max_shard_size="4KB", pipeline=pipeline, **PIPELINE_CASES[case])
         assert bool(fetched) == pipeline
     assert direct and (all(x is not None for x in direct) or all(x is None for x in direct))  # None: no O_DIRECT here
+    assert direct[0] is None or any(len(x) > 1 for x in direct)  # adjacent tensors in one read
     files = sorted(p.name for p in outs[False].iterdir())
     assert files == sorted(p.name for p in outs[True].iterdir()) and len(files) > 5
     for f in files:
@@ -570,27 +571,29 @@ def test_stream_writer_thread_error_propagates(zoo, tmp_path, monkeypatch, metho
 
 
 def test_prefetcher_stays_within_its_byte_budget():
-    """The read-ahead thread fetches each item once, in order, ahead of the consumer by at most
-    `ahead` bytes of items (always the next item, however big); a failing fetch is only a hint;
-    leaving the block ends the thread."""
+    """The read-ahead thread fetches each item once, in order, in batches of consecutive items,
+    ahead of the consumer by at most `ahead` bytes of items (always the next item, however big);
+    a failing fetch is only a hint; leaving the block ends the thread."""
     from merging.engine import Prefetcher
-    sizes = [5, 1, 1, 1, 9, 1, 2, 2, 2, 30, 1, 1]
+    sizes = [5, 1, 1, 1, 9, 1, 2, 2, 2, 30, 1, 1, 1, 1, 1, 1]
     seen = []
 
-    def fetch(j):
-        seen.append((j, ahead._pos))
-        if j == 3:
+    def fetch(batch):
+        seen.append((batch, ahead._pos))
+        if 3 in batch:
             raise OSError("gone")
 
-    ahead = Prefetcher(fetch, list(range(12)), size=lambda j: sizes[j], ahead=4)
+    ahead = Prefetcher(fetch, list(range(len(sizes))), size=lambda j: sizes[j], ahead=4)
     with ahead:
-        for i in range(12):
+        for i in range(len(sizes)):
             ahead.at(i)
-            time.sleep(0.005)
-    order = [j for j, _ in seen]
-    assert order == sorted(set(order)) and order[-1] == 11 and 3 in order
-    assert all(j <= pos + 1 or sum(sizes[pos + 1: j + 1]) <= 4 for j, pos in seen), seen
-    assert any(j == pos + 3 for j, pos in seen)  # small items: more than one ahead
+            time.sleep(0.01)
+    order = [j for batch, _ in seen for j in batch]
+    assert order == sorted(set(order)) and order[-1] == len(sizes) - 1 and 3 in order
+    assert all(batch == list(range(batch[0], batch[-1] + 1)) for batch, _ in seen), seen
+    assert all(j > pos and (j == pos + 1 or sum(sizes[pos + 1: j + 1]) <= 4)
+               for batch, pos in seen for j in batch), seen
+    assert any(len(batch) >= 2 and batch[0] > pos + 1 for batch, pos in seen)  # small items: batched, ahead
     assert not merge_threads()
 
 
