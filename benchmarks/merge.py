@@ -11,8 +11,10 @@ set-up, reading, merging, writing), timed, with its peak RSS (the child's VmHWM,
   * TIES             ours `ties.py:mergekit`, density 0.5 vs mergekit `ties` (density 0.5, weight 1)
   * MetaGPT          ours `metagpt.py`              vs mergekit `task_arithmetic` with `weight: λ_t`
                                                       from our report, `normalize: false`, `lambda: 1`
-  * I/O floor        a subprocess that reads every input byte once (sequential 64 MB reads) and
-                     writes a file of the merged output's size.
+  * I/O floor        a subprocess that reads every input byte once and writes a file of the
+                     merged output's size, the fastest way this VM's disk took: 64 MB O_DIRECT
+                     reads in 4 threads (1.6-2.2 GB/s; one thread 0.9-1.6, 8 MB requests 0.9-1.0),
+                     an O_DIRECT write, fsync (buffered where O_DIRECT is refused).
 
 Ours keeps compiled kernels in its persistent compile cache (`calm_jax/compile_cache.py`), in a
 directory fresh for each benchmark run: round 1 compiles, later rounds load (the table lists every
@@ -48,22 +50,43 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 IO_FLOOR = """
-import os, sys
+import mmap, os, sys, threading
+from concurrent.futures import ThreadPoolExecutor
 out, nbytes, files = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-buf = bytearray(64 << 20)
-view = memoryview(buf)
-total = 0
-for f in files:
-  with open(f, "rb", buffering=0) as fh:
-    while True:
-      n = fh.readinto(buf)
-      if not n:
-        break
-      total += n
-with open(out, "wb", buffering=0) as fh:
-  left = nbytes
-  while left:
-    left -= fh.write(view[:min(left, len(buf))])
+B, DIRECT = 64 << 20, getattr(os, "O_DIRECT", 0)
+local = threading.local()
+
+def read(job):
+  path, off = job
+  if not hasattr(local, "buf"):
+    local.buf = mmap.mmap(-1, B)  # page-aligned, as O_DIRECT needs
+  try:
+    fd = os.open(path, os.O_RDONLY | DIRECT)
+  except OSError:
+    fd = os.open(path, os.O_RDONLY)
+  try:
+    return os.preadv(fd, [local.buf], off)
+  finally:
+    os.close(fd)
+
+jobs = [(f, off) for f in files for off in range(0, os.path.getsize(f), B)]
+with ThreadPoolExecutor(4) as pool:
+  total = sum(pool.map(read, jobs))
+buf, fd = mmap.mmap(-1, B), None
+try:
+  fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | DIRECT, 0o644)
+  os.write(fd, memoryview(buf)[:4096])  # EINVAL where O_DIRECT opens but cannot write (tmpfs)
+  os.lseek(fd, 0, 0)
+except OSError:
+  if fd is not None:
+    os.close(fd)
+  fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+left = -(-nbytes // 4096) * 4096
+while left:
+  left -= os.write(fd, memoryview(buf)[:min(left, B)])
+os.ftruncate(fd, nbytes)
+os.fsync(fd)
+os.close(fd)
 print(total)
 """
 
