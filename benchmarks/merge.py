@@ -429,7 +429,8 @@ def _append(result, args, n_params, in_bytes, out_bytes, med, mrss, times, diffs
   --no-write-model-card`, CPU, `dtype: float32`, `out_dtype: bfloat16`; ours: `python -m launch.merge`
   (under its tuned glibc allocator, `calm_jax/malloc.py`; its persistent compile cache,
   `calm_jax/compile_cache.py`, starts empty: round 1 compiles the kernels, later rounds load them)
-- I/O floor (read every input byte once, write {out_bytes / 1e9:.2f} GB): median {med['io']:.1f} s
+- I/O floor (read every input byte once: 64 MB O_DIRECT reads in 4 threads; write {out_bytes / 1e9:.2f} GB
+  O_DIRECT + fsync): median {med['io']:.1f} s
   of {[round(t, 1) for t in times['io']]}, peak RSS {mrss['io'] / gib:.2f} GiB
 - code: {git}; command: `{cmd.strip()}`
 
