@@ -10,11 +10,14 @@ layer axis is split over its devices (SPMD, one slice of layers per device).
 
 Two algorithms (`algorithm`): "lapack" (default; LAPACK's divide-and-conquer `gesdd` through
 `jnp.linalg.svd`, what torch.linalg.svd runs too) and "gram": eigh of the small Gram matrix
-WᵀW (cols × cols) gives V and σ² in one symmetric eigensolve, U = W·V/σ. About 3-4× faster on
-CPU; the price is the Gram's squared condition number: σ_i loses relative accuracy as
-(σ_max/σ_i)²·ε and the U columns of tiny σ_i are not orthonormal. U·diag(σ)·Vᵀ = W·V·Vᵀ still
-reconstructs W to ~1e-6 relative, and an SVF update U·diag(σ⊙m)·Vᵀ = W·V·diag(m)·Vᵀ never
-divides by σ — so for SVF it is a sound speed/accuracy trade; measured in benchmarks/svd.py.
+WᵀW (cols × cols) gives V in one symmetric eigensolve, then σ_i = ‖W·v_i‖ and U = W·V/σ, except
+for the `GRAM_REFINE` smallest directions, whose eigenvectors the Gram's squared condition number
+mixes: those come from an exact SVD of W·V restricted to them (rows × 64). About 2-2.5× faster
+on CPU, σ as accurate as LAPACK's (benchmarks/svd.py: within 1.3e-6 of torch's; 5e-7 of an fp64
+SVD on random square matrices, LAPACK 9e-7), W rebuilt to ~2e-7, V orthonormal. The price: U
+columns of small σ_i just above that block are orthonormal only to ~1e-2 on square matrices
+(1e-6 on the MLP's [2048, 768]). An SVF update U·diag(σ⊙m)·Vᵀ = W·V·diag(m)·Vᵀ does not depend
+on it, so for SVF it is a sound speed/accuracy trade; measured in benchmarks/svd.py.
 
 The cache file is keyed by the base parameters' content fingerprint, the target regex and the
 algorithm (`svd-<fingerprint>-<hash>.safetensors` under the cache dir), written to a temporary
@@ -81,21 +84,32 @@ def as_matrix(name: str, w):
 
 
 ALGORITHMS = ("lapack", "gram")
+GRAM_REFINE = 64  # "gram": the smallest singular directions re-solved by an exact SVD of W·V
 
 
-@functools.partial(jax.jit, static_argnames="algorithm")
-def svd_stack(w, algorithm: str = "lapack"):
+@functools.partial(jax.jit, static_argnames=("algorithm", "refine"))
+def svd_stack(w, algorithm: str = "lapack", refine: int = GRAM_REFINE):
   """Thin SVD of every matrix of w [N, rows, cols] (rows >= cols for "gram") in fp32:
-  (U [N, rows, k], σ [N, k] descending, V [N, cols, k])."""
+  (U [N, rows, k], σ [N, k] descending, V [N, cols, k]). `refine`: "gram"'s exactly re-solved
+  smallest directions."""
   w = w.astype(jnp.float32)
   if algorithm == "gram":
-    g = jnp.einsum("nrc,nrd->ncd", w, w, precision=jax.lax.Precision.HIGHEST)
-    lam, v = jnp.linalg.eigh(g)                      # ascending
-    lam, v = lam[:, ::-1], v[:, :, ::-1]
-    s = jnp.sqrt(jnp.maximum(lam, 0.0))
-    u = jnp.einsum("nrc,nck->nrk", w, v, precision=jax.lax.Precision.HIGHEST)
-    u = u / jnp.where(s > 0, s, 1.0)[:, None, :]     # σ = 0: that column of W·V is 0 already
-    return u, s, v
+    hi = jax.lax.Precision.HIGHEST
+    g = jnp.einsum("nrc,nrd->ncd", w, w, precision=hi)
+    _, v = jnp.linalg.eigh(g)                        # ascending: the smallest σ first
+    b = jnp.einsum("nrc,nck->nrk", w, v, precision=hi)  # W·V = U·diag(σ)
+    r = min(refine, v.shape[-1])
+    # The Gram's eigenvectors of tiny eigenvalues mix (error ε·σ_max²/gap): the r smallest
+    # directions are re-solved by an exact SVD of W·V_r (rows × r), which only needs their span.
+    p, s_lo, qh = jax.vmap(lambda x: jnp.linalg.svd(x, full_matrices=False))(b[:, :, :r])
+    v_lo = jnp.einsum("nck,njk->ncj", v[:, :, :r], qh, precision=hi)
+    # σ_i = ‖W·v_i‖ for the rest, not √λ_i: second-order in an error of v_i
+    s_hi = jnp.sqrt(jnp.sum(b[:, :, r:] ** 2, axis=1))
+    u_hi = b[:, :, r:] / jnp.where(s_hi > 0, s_hi, 1.0)[:, None, :]  # σ = 0: that column of W·V is 0
+    s, u, v = (jnp.concatenate(x, axis=-1) for x in ((s_hi, s_lo), (u_hi, p), (v[:, :, r:], v_lo)))
+    order = jnp.argsort(-s, axis=-1)                 # descending
+    return (jnp.take_along_axis(u, order[:, None, :], axis=-1), jnp.take_along_axis(s, order, axis=-1),
+            jnp.take_along_axis(v, order[:, None, :], axis=-1))
   if algorithm != "lapack":
     raise ValueError(f"SVD algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
   u, s, vh = jax.vmap(lambda x: jnp.linalg.svd(x, full_matrices=False))(w)

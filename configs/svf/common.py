@@ -12,7 +12,7 @@ def add_svf(c: ml_collections.ConfigDict, *, steps: int, batch_size: int) -> ml_
   c.data = ml_collections.ConfigDict(dict(tasks={}, seq_len=0, task_args=pretrain_config().data.task_args.to_dict()))
   # targets: "mlp" (official code), "attention", "both", or a regex over layers/{q,k,v,o,gate,up,down}.
   # f: "sigmoid" (official code) or "identity" (paper). z = init + noise·N(0, 1) (official: 0.1, 0.01).
-  # svd_algorithm: "lapack" (gesdd, exact) or "gram" (eigh of WᵀW, ~3-4x faster; svf/decompose.py).
+  # svd_algorithm: "lapack" (gesdd, exact) or "gram" (eigh of WᵀW, ~2x faster, σ as accurate; svf/decompose.py).
   c.svf = ml_collections.ConfigDict(dict(targets="mlp", f="sigmoid", init=0.1, noise=0.01, svd_algorithm="lapack",
                                          cache_dir=""))  # "" -> BASE/svd_cache
   c.trainable = ["SVFParam"]
