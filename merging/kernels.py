@@ -5,7 +5,10 @@ math. Everything is computed in fp32 whatever the storage dtype (task vectors, n
 masks) and the merged tensor is cast to the storage dtype once, at the end. Each kernel is a
 `jax.jit` with the options static (`KernelSpec`, hashable), so it compiles once per
 (spec, size, dtype) and then runs for every tensor of that size: tensors arrive flattened to 1-D
-(every operation is elementwise or a per-tensor reduction, so the layout does not matter).
+(every operation is elementwise or a per-tensor reduction, so the layout does not matter). Host
+inputs may arrive as 64-byte-aligned views that start a few entries early (`engine._aligned`: XLA
+then uses their memory without a copy); the static `offsets` say where each input starts, so a
+checkpoint whose shards have different header lengths compiles one variant per layout.
 
 Padding: to split a tensor evenly over a mesh the engine may zero-pad the flat inputs past their
 true size and pass it as the static `n`. A zero tail has τ = 0, which adds nothing to sums (norms,
