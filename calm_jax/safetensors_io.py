@@ -310,9 +310,6 @@ class CheckpointReader:
     if name in self.location:
       self.files[self.location[name]].prefetch(name)
 
-  def read_direct(self, name) -> np.ndarray | None:
-    return self.files[self.location[name]].read_direct(name) if name in self.location else None
-
   def read_direct_run(self, names) -> dict[str, np.ndarray] | None:
     """`SafetensorsFile.read_direct_run` of a run from `runs`."""
     return self.files[self.location[names[0]]].read_direct_run(names) if names[0] in self.location else None

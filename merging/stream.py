@@ -9,8 +9,8 @@ The output is an HF directory: config.json and the tokenizer / generation files 
 the base, sharded safetensors + index, and `merge_report.json`; it is written under a
 temporary name and renamed into place, so a failed or killed merge leaves no output directory.
 
-The merge is a pipeline (`pipeline=True`, the default): while tensor i is computed, a thread asks
-the OS to read the inputs of tensors i+1, i+2 (`engine.Prefetcher`, every pass) and another writes
+The merge is a pipeline (`pipeline=True`, the default): while tensor i is computed, threads read
+the inputs of the tensors after it (`engine.Prefetcher`, every pass) and another writes
 tensor i-1 (`BackgroundWriter`), so reading, computing and writing overlap; the result is the
 serial one bit for bit.
 
@@ -51,8 +51,8 @@ _READING, _CONSUMED = object(), object()
 class CheckpointSource:
   """`engine.Source` over HF directories (model -1 is the base).
 
-  With `direct` (the default) the read-ahead thread reads each upcoming tensor that is not in the
-  page cache already past it (`SafetensorsFile.read_direct`), into memory that `get` then hands
+  With `direct` (the default) read threads read each upcoming tensor that is not in the page
+  cache already past it (`SafetensorsFile.read_direct_run`), into memory that `get` then hands
   out, at most one largest tensor's inputs ahead (that memory counts in RSS); `get` waits for a read in
   flight. Cold inputs of the 0.48B benchmark: 4.3-4.5 s to read this way, 6.9-8.1 s through the page
   cache. A tensor not read ahead (the first, one the merge reached first, one in the page cache)
