@@ -18,141 +18,141 @@ __all__ = ["Mixture", "encode_batch"]
 
 
 class Mixture:
-    """Examples from several tasks with per-task weights, labelled with `domain_id`.
+  """Examples from several tasks with per-task weights, labelled with `domain_id`.
 
-    Args:
-      tasks: {task name: weight} (weights >= 0, normalised here; a weight of 0 keeps a task's
-        domain id reserved, e.g. a task held out for Transformer² evaluation), or a
-        sequence of names for equal weights.
-      seed: data seed.
-      split: which split examples are drawn from ("train", "val" or "test").
-      domains: the order that defines domain ids. Default: task names sorted, so the ids do
-        not depend on how the mapping was written (ml_collections' ConfigDict sorts keys,
-        a plain dict does not). Must contain every task of `tasks`; may contain more.
-      registry: name -> Task objects to use instead of the defaults in `TASKS` (e.g. a
-        kv_lookup with another map size).
-    """
+  Args:
+   tasks: {task name: weight} (weights >= 0, normalised here; a weight of 0 keeps a task's
+    domain id reserved, e.g. a task held out for Transformer² evaluation), or a
+    sequence of names for equal weights.
+   seed: data seed.
+   split: which split examples are drawn from ("train", "val" or "test").
+   domains: the order that defines domain ids. Default: task names sorted, so the ids do
+    not depend on how the mapping was written (ml_collections' ConfigDict sorts keys,
+    a plain dict does not). Must contain every task of `tasks`; may contain more.
+   registry: name -> Task objects to use instead of the defaults in `TASKS` (e.g. a
+    kv_lookup with another map size).
+  """
 
-    def __init__(
-        self,
-        tasks: Mapping[str, float] | Sequence[str],
-        seed: int = 0,
-        split: str = "train",
-        domains: Sequence[str] | None = None,
-        registry: Mapping[str, Task] | None = None,
-    ):
-        from calm_jax.tasks import get_task
+  def __init__(
+    self,
+    tasks: Mapping[str, float] | Sequence[str],
+    seed: int = 0,
+    split: str = "train",
+    domains: Sequence[str] | None = None,
+    registry: Mapping[str, Task] | None = None,
+  ):
+    from calm_jax.tasks import get_task
 
-        if isinstance(tasks, str):
-            raise TypeError("tasks must be a mapping name -> weight or a sequence of names, not a string")
-        weights = dict(tasks) if isinstance(tasks, Mapping) else {name: 1.0 for name in tasks}
-        if not weights:
-            raise ValueError("Mixture needs at least one task")
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-        self.domains = tuple(sorted(weights)) if domains is None else tuple(domains)
-        if len(set(self.domains)) != len(self.domains):
-            raise ValueError(f"duplicate names in domains {self.domains}")
-        missing = [t for t in weights if t not in self.domains]
-        if missing:
-            raise ValueError(f"tasks {missing} are not in domains {self.domains}")
-        registry = dict(registry or {})
-        self.tasks = {name: registry[name] if name in registry else get_task(name) for name in self.domains}
-        w = np.array([float(weights.get(name, 0.0)) for name in self.domains], dtype=np.float64)
-        if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
-            raise ValueError(f"weights must be finite, >= 0 and not all 0; got {dict(zip(self.domains, w))}")
-        self.weights = w / w.sum()
-        self._cdf = np.cumsum(self.weights)
-        self._cdf[-1] = 1.0
-        self.seed, self.split = seed, split
+    if isinstance(tasks, str):
+      raise TypeError("tasks must be a mapping name -> weight or a sequence of names, not a string")
+    weights = dict(tasks) if isinstance(tasks, Mapping) else {name: 1.0 for name in tasks}
+    if not weights:
+      raise ValueError("Mixture needs at least one task")
+    if split not in SPLITS:
+      raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    self.domains = tuple(sorted(weights)) if domains is None else tuple(domains)
+    if len(set(self.domains)) != len(self.domains):
+      raise ValueError(f"duplicate names in domains {self.domains}")
+    missing = [t for t in weights if t not in self.domains]
+    if missing:
+      raise ValueError(f"tasks {missing} are not in domains {self.domains}")
+    registry = dict(registry or {})
+    self.tasks = {name: registry[name] if name in registry else get_task(name) for name in self.domains}
+    w = np.array([float(weights.get(name, 0.0)) for name in self.domains], dtype=np.float64)
+    if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+      raise ValueError(f"weights must be finite, >= 0 and not all 0; got {dict(zip(self.domains, w))}")
+    self.weights = w / w.sum()
+    self._cdf = np.cumsum(self.weights)
+    self._cdf[-1] = 1.0
+    self.seed, self.split = seed, split
 
-    def domain_id(self, task_name: str) -> int:
-        try:
-            return self.domains.index(task_name)
-        except ValueError:
-            raise KeyError(f"task {task_name!r} is not in this mixture's domains {self.domains}") from None
+  def domain_id(self, task_name: str) -> int:
+    try:
+      return self.domains.index(task_name)
+    except ValueError:
+      raise KeyError(f"task {task_name!r} is not in this mixture's domains {self.domains}") from None
 
-    def example(self, index: int) -> Example:
-        """Example number `index` of the stream (deterministic in seed and index)."""
-        rng = np.random.default_rng([self.seed, index])
-        d = int(np.searchsorted(self._cdf, rng.random(), side="right"))
-        d = min(d, len(self.domains) - 1)
-        while self.weights[d] == 0.0 and d > 0:  # float edge: trailing zero weights under cdf[-1]=1
-            d -= 1
-        ex = self.tasks[self.domains[d]].sample_split(rng, self.split)
-        return dataclasses.replace(ex, domain_id=d)
+  def example(self, index: int) -> Example:
+    """Example number `index` of the stream (deterministic in seed and index)."""
+    rng = np.random.default_rng([self.seed, index])
+    d = int(np.searchsorted(self._cdf, rng.random(), side="right"))
+    d = min(d, len(self.domains) - 1)
+    while self.weights[d] == 0.0 and d > 0:  # float edge: trailing zero weights under cdf[-1]=1
+      d -= 1
+    ex = self.tasks[self.domains[d]].sample_split(rng, self.split)
+    return dataclasses.replace(ex, domain_id=d)
 
-    def examples(self, start: int, n: int) -> list[Example]:
-        return [self.example(i) for i in range(start, start + n)]
+  def examples(self, start: int, n: int) -> list[Example]:
+    return [self.example(i) for i in range(start, start + n)]
 
-    def __iter__(self) -> Iterator[Example]:
-        i = 0
-        while True:
-            yield self.example(i)
-            i += 1
+  def __iter__(self) -> Iterator[Example]:
+    i = 0
+    while True:
+      yield self.example(i)
+      i += 1
 
-    def batch(self, step: int, batch_size: int, tokenizer, seq_len: int) -> dict[str, np.ndarray]:
-        """Encoded batch number `step` (examples `[step*batch_size, (step+1)*batch_size)`)."""
-        return encode_batch(self.examples(step * batch_size, batch_size), tokenizer, seq_len)
+  def batch(self, step: int, batch_size: int, tokenizer, seq_len: int) -> dict[str, np.ndarray]:
+    """Encoded batch number `step` (examples `[step*batch_size, (step+1)*batch_size)`)."""
+    return encode_batch(self.examples(step * batch_size, batch_size), tokenizer, seq_len)
 
-    def __repr__(self) -> str:
-        w = {d: round(float(x), 4) for d, x in zip(self.domains, self.weights)}
-        return f"Mixture({w}, seed={self.seed}, split={self.split!r})"
+  def __repr__(self) -> str:
+    w = {d: round(float(x), 4) for d, x in zip(self.domains, self.weights)}
+    return f"Mixture({w}, seed={self.seed}, split={self.split!r})"
 
 
 def encode_batch(examples: Sequence[Example], tokenizer, seq_len: int) -> dict[str, np.ndarray]:
-    """Tokenize examples into right-padded arrays for next-token training.
+  """Tokenize examples into right-padded arrays for next-token training.
 
-    Each row is `[bos] + prompt + answer + [eos]` (no bos if the tokenizer has none),
-    padded with `pad_id` to `seq_len`. Returns:
+  Each row is `[bos] + prompt + answer + [eos]` (no bos if the tokenizer has none),
+  padded with `pad_id` to `seq_len`. Returns:
 
-      tokens, inputs   int32 [B, T]  the row (two equal arrays: `inputs` names the model input)
-      targets          int32 [B, T]  tokens shifted left by one: targets[:, t] = tokens[:, t+1]
-                                     (last column: pad)
-      loss_mask        float32 [B, T] 1 where targets[:, t] is an answer token or the final eos
-      attention_mask   int32 [B, T]  1 on real tokens, 0 on padding
-      prompt_len       int32 [B]     number of bos + prompt tokens (the generation prefix)
-      length           int32 [B]     number of real tokens
-      domain           int32 [B]     Example.domain_id (-1 when unset)
+   tokens, inputs   int32 [B, T]  the row (two equal arrays: `inputs` names the model input)
+   targets          int32 [B, T]  tokens shifted left by one: targets[:, t] = tokens[:, t+1]
+                  (last column: pad)
+   loss_mask        float32 [B, T] 1 where targets[:, t] is an answer token or the final eos
+   attention_mask   int32 [B, T]  1 on real tokens, 0 on padding
+   prompt_len       int32 [B]     number of bos + prompt tokens (the generation prefix)
+   length           int32 [B]     number of real tokens
+   domain           int32 [B]     Example.domain_id (-1 when unset)
 
-    Raises ValueError naming the example if a row does not fit in `seq_len`.
-    """
-    if not examples:
-        raise ValueError("encode_batch got no examples")
-    B, T = len(examples), int(seq_len)
-    tokens = np.full((B, T), tokenizer.pad_id, dtype=np.int32)
-    loss_mask = np.zeros((B, T), dtype=np.float32)
-    attention_mask = np.zeros((B, T), dtype=np.int32)
-    prompt_len = np.zeros((B,), dtype=np.int32)
-    length = np.zeros((B,), dtype=np.int32)
-    domain = np.array([ex.domain_id for ex in examples], dtype=np.int32)
-    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
-    for b, ex in enumerate(examples):
-        prompt = bos + tokenizer.encode(ex.prompt)
-        answer = tokenizer.encode(ex.answer) + [tokenizer.eos_id]
-        if not prompt:
-            raise ValueError(f"example {b} ({ex.task}): empty prompt and no bos token, nothing predicts the answer")
-        row = prompt + answer
-        if len(row) > T:
-            raise ValueError(
-                f"example {b} ({ex.task}: {ex.prompt!r} -> {ex.answer!r}) needs {len(row)} tokens "
-                f"but seq_len is {T}"
-            )
-        tokens[b, : len(row)] = row
-        attention_mask[b, : len(row)] = 1
-        # Target at position t is token t+1: answer tokens + eos sit at positions
-        # len(prompt) .. len(row)-1, so their predicting positions are one earlier.
-        loss_mask[b, len(prompt) - 1 : len(row) - 1] = 1.0
-        prompt_len[b], length[b] = len(prompt), len(row)
-    targets = np.full_like(tokens, tokenizer.pad_id)
-    targets[:, :-1] = tokens[:, 1:]
-    return {
-        "tokens": tokens,
-        "inputs": tokens.copy(),
-        "targets": targets,
-        "loss_mask": loss_mask,
-        "attention_mask": attention_mask,
-        "prompt_len": prompt_len,
-        "length": length,
-        "domain": domain,
-    }
+  Raises ValueError naming the example if a row does not fit in `seq_len`.
+  """
+  if not examples:
+    raise ValueError("encode_batch got no examples")
+  B, T = len(examples), int(seq_len)
+  tokens = np.full((B, T), tokenizer.pad_id, dtype=np.int32)
+  loss_mask = np.zeros((B, T), dtype=np.float32)
+  attention_mask = np.zeros((B, T), dtype=np.int32)
+  prompt_len = np.zeros((B,), dtype=np.int32)
+  length = np.zeros((B,), dtype=np.int32)
+  domain = np.array([ex.domain_id for ex in examples], dtype=np.int32)
+  bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+  for b, ex in enumerate(examples):
+    prompt = bos + tokenizer.encode(ex.prompt)
+    answer = tokenizer.encode(ex.answer) + [tokenizer.eos_id]
+    if not prompt:
+      raise ValueError(f"example {b} ({ex.task}): empty prompt and no bos token, nothing predicts the answer")
+    row = prompt + answer
+    if len(row) > T:
+      raise ValueError(
+        f"example {b} ({ex.task}: {ex.prompt!r} -> {ex.answer!r}) needs {len(row)} tokens "
+        f"but seq_len is {T}"
+      )
+    tokens[b, : len(row)] = row
+    attention_mask[b, : len(row)] = 1
+    # Target at position t is token t+1: answer tokens + eos sit at positions
+    # len(prompt) .. len(row)-1, so their predicting positions are one earlier.
+    loss_mask[b, len(prompt) - 1 : len(row) - 1] = 1.0
+    prompt_len[b], length[b] = len(prompt), len(row)
+  targets = np.full_like(tokens, tokenizer.pad_id)
+  targets[:, :-1] = tokens[:, 1:]
+  return {
+    "tokens": tokens,
+    "inputs": tokens.copy(),
+    "targets": targets,
+    "loss_mask": loss_mask,
+    "attention_mask": attention_mask,
+    "prompt_len": prompt_len,
+    "length": length,
+    "domain": domain,
+  }
