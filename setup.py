@@ -25,7 +25,7 @@ setup(
     version="0.1.0",
     description=__doc__,
     python_requires=">=3.11",
-    packages=find_packages(include=["calm_jax*", "merging*", "svf*", "moa*", "launch*", "configs*"]),
+    packages=find_packages(include=["calm_jax*", "calm", "calm.*", "merging*", "svf*", "moa*", "launch*", "configs*"]),
     install_requires=RUNTIME,
     extras_require={
         # Peers: transformers (PyTorch) is the numeric reference, mergekit the merge reference,

@@ -1,4 +1,4 @@
-"""CALM training step: ours (`calm_jax.calm`, jitted) vs CALM-pytorch 0.2.2 at matched sizes.
+"""CALM training step: ours (`calm`, jitted) vs CALM-pytorch 0.2.2 at matched sizes.
 
 Both sides compose a random anchor with one random augmenting decoder of the same shape family
 (pre-RMSNorm, rotary, SwiGLU, no biases: our llama vs x-transformers `Decoder(rotary_pos_emb,
@@ -217,7 +217,7 @@ def _ours(args, seq):
   import optax
   from flax import nnx
 
-  from calm_jax.calm import Composed
+  from calm import Composed
   from calm_jax.models import Decoder, DecoderConfig, init_params
   from calm_jax.train import lm_loss
   from calm_jax.train.optim import make_optimizer

@@ -1,1 +1,2 @@
-"""calm_jax: the shared core (decoder family, HF I/O, decoding, sharding, training) and CALM."""
+"""calm_jax: the shared core every method imports (decoder family, HF I/O, decoding, sharding, training,
+the synthetic task suite and its tiny base). It never imports a method package or configs/."""

@@ -18,7 +18,7 @@ class SVFParam(nnx.Param):
 
 
 class ComposeParam(nnx.Param):
-  """CALM projections and cross-attention (calm_jax/calm/)."""
+  """CALM projections and cross-attention (calm/)."""
 
 
 class RouterParam(nnx.Param):

@@ -2,7 +2,7 @@
 import importlib
 
 METHOD_MODULES = ("calm_jax.pretrain", "merging.suite", "svf.suite", "moa.lora_training", "moa.suite",
-                  "calm_jax.calm.kv_arithmetic")
+                  "calm.kv_arithmetic")
 
 
 def import_methods() -> None:

@@ -9,8 +9,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from calm_jax.calm import Composed, CompositionError, forward, generate, prompt_mask
-from calm_jax.calm.compose import compose_param_specs
+from calm import Composed, CompositionError, forward, generate, prompt_mask
+from calm.compose import compose_param_specs
 from calm_jax.models import Decoder, DecoderConfig, init_params
 from calm_jax.models import decoder as dec
 from calm_jax.train import lm_loss, train
@@ -283,7 +283,7 @@ def test_hidden_states_at_connected_layers():
   """forward(return_hidden) gives the composed stream after each connected anchor layer: with zero
   output the anchor's own layer outputs (anchor_hidden, checked against a layer-by-layer run of the
   decoder), and with a live composition the last one is what the logits are read from."""
-  from calm_jax.calm.compose import anchor_hidden
+  from calm.compose import anchor_hidden
   m = composed(zero_output=True, augment_layers=[(2, 4, 8)], anchor_layers=[(0, 1, 4)])
   toks = tokens(2, 9)
   p = m.params()

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from calm_jax.calm.kv_tasks import KeyValueTable, kv_registry
+from calm.kv_tasks import KeyValueTable, kv_registry
 from calm_jax.tokenizers import CharTokenizer
 
 
@@ -79,7 +79,7 @@ def test_tasks_agree_with_python_arithmetic(operands, ops, fmt):
 
 def test_lora_control_matches_parameter_count():
   from calm_jax import lora
-  from calm_jax.calm.kv_arithmetic import _lora_matching
+  from calm.kv_arithmetic import _lora_matching
   from calm_jax.models import DecoderConfig
   cfg = DecoderConfig.make(model_type="llama", vocab_size=100, hidden_size=64, intermediate_size=128,
                            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
@@ -91,7 +91,7 @@ def test_lora_control_matches_parameter_count():
 
 @pytest.mark.parametrize("objective", ["twin", "paper"])
 def test_experiment_tiny_end_to_end(tmp_path, fast_compile, objective):
-  from calm_jax.calm.kv_arithmetic import run
+  from calm.kv_arithmetic import run
   from configs.calm.kv_arithmetic import get_config
   config = get_config(f"tiny,objective={objective}")  # batch 16 over the 8 fake devices' data axis
   out = run(config, tmp_path)
@@ -120,7 +120,7 @@ def test_experiment_tiny_end_to_end(tmp_path, fast_compile, objective):
 
 
 def test_value_probe_reads_linear_digits_and_not_noise():
-  from calm_jax.calm.probe import ridge_digit_accuracy
+  from calm.probe import ridge_digit_accuracy
   rng = np.random.default_rng(0)
   values = rng.permutation(200) + 1
   digits = np.stack([values // 100, values // 10 % 10, values % 10], 1)
@@ -171,7 +171,7 @@ def test_noisy_field_loss_blurs_only_number_fields(fast_compile):
   # m_B's optional field noise: off (prob 0, or no field tokens) it is the plain answer loss
   # exactly; on, it changes the loss, and only through the prompt's `#` and digit tokens.
   import jax
-  from calm_jax.calm.kv_arithmetic import _batches, noisy_field_loss
+  from calm.kv_arithmetic import _batches, noisy_field_loss
   from calm_jax.experiment import build_decoder
   from calm_jax.pretrain import lm_batch_loss
   from configs.calm.kv_arithmetic import get_config
@@ -210,9 +210,9 @@ def test_twin_loss_matches_numpy(fast_compile):
   stream on the twin, summed over connected layers, over valid positions of the selected rows."""
   import jax
   import jax.numpy as jnp
-  from calm_jax.calm import Composed
-  from calm_jax.calm.compose import anchor_hidden, forward
-  from calm_jax.calm.kv_arithmetic import twin_loss
+  from calm import Composed
+  from calm.compose import anchor_hidden, forward
+  from calm.kv_arithmetic import twin_loss
   from calm_jax.experiment import build_decoder
   from calm_jax.train import lm_loss
   from configs.calm.kv_arithmetic import get_config
@@ -266,7 +266,7 @@ def test_zero_key_embeddings_touch_only_key_rows(fast_compile):
   and on a prompt without keys its logits are unchanged."""
   import jax
   import jax.numpy as jnp
-  from calm_jax.calm.kv_arithmetic import zero_embeddings
+  from calm.kv_arithmetic import zero_embeddings
   from calm_jax.experiment import build_decoder
   from calm_jax.models import decoder as dec
   from configs.calm.kv_arithmetic import get_config

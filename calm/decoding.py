@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from calm_jax.calm.compose import CalmCache, CompositionSpec, forward
+from calm.compose import CalmCache, CompositionSpec, forward
 from calm_jax.decoding import bucket, decode, default_pad_id, hf_positions
 
 

@@ -22,11 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from calm.compose import Composed
+from calm.decoding import generate as calm_generate
+from calm.kv_tasks import KeyValueTable, kv_registry
+from calm.probe import value_digit_probe
 from calm_jax import lora as lora_lib
-from calm_jax.calm.compose import Composed
-from calm_jax.calm.decoding import generate as calm_generate
-from calm_jax.calm.kv_tasks import KeyValueTable, kv_registry
-from calm_jax.calm.probe import value_digit_probe
 from calm_jax.experiment import bar_chart, build_decoder, print_table, write_results
 from calm_jax.models import decoder as dec
 from calm_jax.pretrain import lm_batch_loss
@@ -60,7 +60,7 @@ def twin_loss(weight: float, rows_of, layers=None):
   The twin carries only held-in keys' values (those D_C's answers already imply). It asks the
   composition for the anchor's reading of each operand where the anchor reads it, the target that
   CE alone reaches only through the anchor's arithmetic."""
-  from calm_jax.calm.compose import anchor_hidden, forward, prompt_mask
+  from calm.compose import anchor_hidden, forward, prompt_mask
 
   def loss(model, batch, rng):
     spec, p = model.spec, model.params()

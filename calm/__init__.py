@@ -5,10 +5,10 @@
 cache per model), `kv_tasks` (the key-value arithmetic data), `kv_arithmetic` (the Table 1
 experiment, method "calm_kv_arithmetic").
 """
-from calm_jax.calm.compose import (CalmCache, Composed, CompositionSpec, compose_param_specs, forward,
-                                   init_compose_params, prompt_mask)
-from calm_jax.calm.connections import CompositionError, default_anchor_layers, default_augment_layers
-from calm_jax.calm.decoding import generate, generate_arrays
+from calm.compose import (CalmCache, Composed, CompositionSpec, compose_param_specs, forward, init_compose_params,
+                          prompt_mask)
+from calm.connections import CompositionError, default_anchor_layers, default_augment_layers
+from calm.decoding import generate, generate_arrays
 
 __all__ = ["CalmCache", "Composed", "CompositionSpec", "CompositionError", "compose_param_specs", "forward",
            "init_compose_params", "prompt_mask", "default_anchor_layers", "default_augment_layers", "generate",

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from calm_jax.calm.connections import CompositionError, resolve
+from calm.connections import CompositionError, resolve
 from calm_jax.models import decoder as dec
 from calm_jax.models.config import DecoderConfig
 from calm_jax.models.layers import apply_rope, attention_mask, gqa_attention, rms_norm, rope_tables
