@@ -222,6 +222,8 @@ def _ours(args, seq):
   from calm_jax.train import lm_loss
   from calm_jax.train.optim import make_optimizer
   from calm_jax.train.trainer import split_trainable, trainable_filter
+  from calm_jax.variables import ComposeParam
+  from configs.common import add_common
 
   def cfg(dim, layers, heads):
     return DecoderConfig.make(model_type="llama", vocab_size=args.vocab, hidden_size=dim, intermediate_size=4 * dim,
@@ -231,8 +233,9 @@ def _ours(args, seq):
   anchor_cfg, aug_cfg = cfg(args.anchor_dim, args.anchor_layers, args.anchor_heads), cfg(args.aug_dim, args.aug_layers,
                                                                                           args.aug_heads)
   model = Composed(Decoder(anchor_cfg, params=init_params(anchor_cfg, 0)), [Decoder(aug_cfg, params=init_params(aug_cfg, 1))])
-  graphdef, trainable, frozen = split_trainable(model, trainable_filter(["ComposeParam"]))
-  opt = ml_collections.ConfigDict(dict(name="adamw", lr=1e-4, weight_decay=0.01, clip_norm=1.0))
+  graphdef, trainable, frozen = split_trainable(model, trainable_filter(ComposeParam))
+  opt = add_common(ml_collections.ConfigDict(), steps=1000, batch_size=args.batch).optimizer
+  opt.update(name="adamw", lr=1e-4, weight_decay=0.01, clip_norm=1.0, schedule="constant")
   tx = make_optimizer(opt, 1000)
   opt_state = tx.init(trainable)
   tokens, targets = jnp.asarray(seq[:, :-1], jnp.int32), jnp.asarray(seq[:, 1:], jnp.int32)

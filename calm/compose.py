@@ -18,11 +18,6 @@ position" is one learnable pattern instead of a content match the anchor's state
 (`add_zero_attn` with a learned key): a query can attend to it and take nothing, so positions that
 should read nothing from m_A (an operand the anchor already understands) need no m_A state that
 projects to zero.
-`update_cap` (an extension; 0 = off) bounds the summed update u at each anchor layer, per position,
-softly: u <- u · tanh(r)/r, r = rms(u) / (cap · max(rms(h), rms(E))), with E the anchor's embedding
-table. An update may then be at most `cap` times the state it is added to (at least the typical
-token embedding's scale), so a connection into the embedding output can rewrite a token, not
-swamp the residual stream every later layer adds to (docs/calm.md, session 5).
 
 Parameters are one pure pytree `{"anchor", "augments": (..), "compose": (..)}`; per augmenting
 model the connection parameters are stacked on a leading axis. The anchor runs as contiguous
@@ -64,12 +59,11 @@ class CompositionSpec:
   aug_mode: str = "iterative"
   cross_rope: bool = False
   cross_null: bool = False
-  update_cap: float = 0.0
 
   @classmethod
   def make(cls, anchor: DecoderConfig, augments: Sequence[DecoderConfig], *, augment_layers=None,
            anchor_layers=None, num_heads: int | None = None, aug_mode: str = "iterative",
-           cross_rope: bool = False, cross_null: bool = False, update_cap: float = 0.0) -> "CompositionSpec":
+           cross_rope: bool = False, cross_null: bool = False) -> "CompositionSpec":
     """augment_layers / anchor_layers: one list per augmenting model (None = the defaults)."""
     augments = tuple(augments)
     if not augments:
@@ -89,10 +83,7 @@ class CompositionSpec:
     head_dim = anchor.hidden_size // heads
     if cross_rope and head_dim % 2:
       raise CompositionError(f"cross_rope needs an even cross-attention head size, got {head_dim}")
-    if not update_cap >= 0:
-      raise CompositionError(f"update_cap must be >= 0 (0: off), got {update_cap}")
-    return cls(anchor, augments, conns, heads, head_dim, aug_mode, bool(cross_rope), bool(cross_null),
-               float(update_cap))
+    return cls(anchor, augments, conns, heads, head_dim, aug_mode, bool(cross_rope), bool(cross_null))
 
   def boundaries(self) -> tuple[int, ...]:
     """Anchor layers after which some cross-attention is added, sorted."""
@@ -170,16 +161,6 @@ def cross_attention(cp, c: int, h, k, v, mask, eps, rope=None):
     mask = jnp.concatenate([jnp.ones(mask.shape[:2] + (1,), bool), mask], -1)
   a = gqa_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
   return jnp.einsum("bthd,hde->bte", a, cp["o"][c].astype(a.dtype)).astype(h.dtype)
-
-
-def cap_update(u, h, embed, cap: float):
-  """u [B, T, E] softly bounded to `cap` times the scale of h (at least the embedding table's):
-  u · tanh(r)/r with r = rms(u) / (cap · max(rms(h), rms(embed))), per position; u = 0 stays 0."""
-  f32 = jnp.float32
-  rms = lambda x: jnp.sqrt(jnp.mean(jnp.square(x.astype(f32)), -1, keepdims=True) + 1e-12)
-  scale = jnp.maximum(rms(h), jnp.sqrt(jnp.mean(jnp.square(embed.astype(f32)))))
-  r = jnp.maximum(rms(u) / (cap * scale), 1e-6)
-  return (u * (jnp.tanh(r) / r)).astype(u.dtype)
 
 
 class CalmCache(NamedTuple):
@@ -284,8 +265,7 @@ def forward(spec: CompositionSpec, params, tokens, *, valid=None, positions=None
                                rope) for m, c in at.get(j, ())]
     if not updates:
       return h
-    u = sum(updates[1:], updates[0])
-    return h + (cap_update(u, h, params["anchor"]["embed"], spec.update_cap) if spec.update_cap else u)
+    return h + sum(updates[1:], updates[0])
 
   hidden = {}
   h = compose_at(0, dec.embed(params["anchor"], tokens))  # anchor layer 0: the embedding output
@@ -340,15 +320,14 @@ class _Holder(nnx.Module):
 
 class Composed(nnx.Module):
   """A frozen anchor, frozen augmenting models (`Decoder`s, `nnx.Param`) and the composition
-  parameters (`ComposeParam`): the only thing the trainer updates with `trainable=["ComposeParam"]`."""
+  parameters (`ComposeParam`): the only thing the trainer updates with `trainable=ComposeParam`."""
 
   def __init__(self, anchor: dec.Decoder, augments: Sequence[dec.Decoder], *, augment_layers=None,
                anchor_layers=None, num_heads: int | None = None, aug_mode: str = "iterative", seed: int = 0,
-               compose_params=None, zero_output: bool = True, cross_rope: bool = False, cross_null: bool = False,
-               update_cap: float = 0.0):
+               compose_params=None, zero_output: bool = True, cross_rope: bool = False, cross_null: bool = False):
     self.spec = CompositionSpec.make(anchor.config, [m.config for m in augments], augment_layers=augment_layers,
                                      anchor_layers=anchor_layers, num_heads=num_heads, aug_mode=aug_mode,
-                                     cross_rope=cross_rope, cross_null=cross_null, update_cap=update_cap)
+                                     cross_rope=cross_rope, cross_null=cross_null)
     self.anchor = anchor
     self.num_augments = len(augments)
     for m, model in enumerate(augments):

@@ -6,7 +6,8 @@
 2. CALM composes them (both frozen) and trains only the composition on D_C: KV-arithmetic
    (and KV-substitution) over the held-in 20% of the keys; with `calm.twin_loss` its loss also
    pulls the composed anchor toward the anchor's own reading of each prompt's numeric twin, and
-   with `m_b.zero_key_embeddings` the anchor's key-token rows are zero (docs/calm.md, "Session 6").
+   with `m_b.zero_key_embeddings` the anchor's key-token rows are zero (docs/calm.md, "The twin
+   loss and zero key rows").
 3. All three are scored (greedy, exact match) on KV-substitution and numeric arithmetic
    (test splits) and on KV-arithmetic over expressions built only from held-out keys.
 
@@ -21,6 +22,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from calm.compose import Composed
 from calm.decoding import generate as calm_generate
@@ -29,10 +31,10 @@ from calm.probe import value_digit_probe
 from calm_jax import lora as lora_lib
 from calm_jax.experiment import bar_chart, build_decoder, print_table, write_results
 from calm_jax.models import decoder as dec
-from calm_jax.pretrain import lm_batch_loss
 from calm_jax.registry import register_method
-from calm_jax.tasks import Mixture, evaluate, make_eval_set, max_seq_len
-from calm_jax.train import lm_loss, train
+from calm_jax.tasks import evaluate, make_eval_set, max_seq_len, mixture_batches
+from calm_jax.train import lm_batch_loss, lm_loss, train
+from calm_jax.variables import ComposeParam, LoRAParam
 
 TASKS = ("kv_substitution", "numeric_arithmetic", "kv_arithmetic")
 PAPER = {"m_A": {"kv_substitution": 0.981, "numeric_arithmetic": 0.042, "kv_arithmetic": 0.007},
@@ -75,37 +77,6 @@ def twin_loss(weight: float, rows_of, layers=None):
                 for j in hidden if layers is None or j in layers)
     return ce + weight * match, {**metrics, "ce": ce, "twin_match": match}
   return loss
-
-
-def noisy_field_loss(field_ids, prob: float, noise_std: float):
-  """m_B's loss with its number fields blurred (an option, `m_b.field_noise`): in a random `prob` of
-  the rows every prompt token in `field_ids` (`#` and the digits) is fed as (1 − α)·embedding + α·n,
-  α ~ U(0, 1) per position, n ~ N(0, noise_std²): the anchor learns to read a digit from a partial
-  one, so the loss is smooth along the path from an unknown vector (a key's blank slot) to a digit's
-  embedding, the path a connection into the embedding output has to follow."""
-  field_ids = jnp.asarray(field_ids)
-
-  def loss(model, batch, rng):
-    cfg, p = model.config, model.params()
-    toks = jnp.asarray(batch["inputs"])
-    valid = jnp.asarray(batch["attention_mask"]).astype(bool)
-    h = dec.embed(p, toks)
-    k_row, k_alpha, k_noise = jax.random.split(rng, 3)
-    on = (jnp.isin(toks, field_ids) & valid & (jnp.asarray(batch["loss_mask"]) == 0)
-          & jax.random.bernoulli(k_row, prob, (toks.shape[0], 1)))
-    alpha = jax.random.uniform(k_alpha, toks.shape + (1,), h.dtype)
-    noise = noise_std * jax.random.normal(k_noise, h.shape, h.dtype)
-    h = jnp.where(on[..., None], (1 - alpha) * h + alpha * noise, h)
-    positions = jnp.broadcast_to(jnp.arange(toks.shape[1]), toks.shape)
-    h, _, _ = dec.run_layers(cfg, p["layers"], h, positions=positions, kv_valid=valid, cache=None,
-                             layer_ids=np.arange(cfg.num_layers))
-    return lm_loss(dec.unembed(cfg, p, h), batch["targets"], batch["loss_mask"])
-  return loss
-
-
-def _batches(tasks: dict, registry, seed: int, batch_size: int, tokenizer, seq_len: int):
-  mixture = Mixture(tasks, seed=seed, registry=registry)
-  return lambda step: mixture.batch(step, batch_size, tokenizer, seq_len)
 
 
 def _eval_sets(config, registries) -> list:
@@ -171,44 +142,40 @@ def run(config, workdir) -> dict:
   t0 = time.time()
   workdir = Path(workdir)
   seed = int(config.seed)
-  table = KeyValueTable(int(config.kv.n_keys), int(config.kv.key_len), float(config.kv.held_in_fraction), seed,
-                        fmt=str(config.kv.get("format", "tokens")), slot=str(config.kv.get("slot", "_")))
+  table = KeyValueTable(int(config.kv.n_keys), int(config.kv.key_len), float(config.kv.held_in_fraction), seed)
   tokenizer = table.tokenizer()
   registries = kv_registry(table, int(config.kv.operands), str(config.kv.ops))
   seq_len = max_seq_len(list(registries["all"].values()))
-  ablation = str(config.get("ablation", "none"))
+  ablation = str(config.ablation)
   if ablation not in ("none", "random_augment", "encoder", "lora"):
     raise ValueError(f"unknown ablation {ablation!r}: none, random_augment, encoder or lora")
   examples = {name: registries["all"][name].sample(np.random.default_rng(0)) for name in TASKS}
-  print(f"{table.n_keys} keys, {len(table.held_in)} held in for CALM; format {table.fmt!r}, e.g. " +
+  print(f"{table.n_keys} keys, {len(table.held_in)} held in for CALM, e.g. " +
         ", ".join(f"{table.pretty(ex.prompt)} -> {ex.answer}" for ex in examples.values()))
 
-  def fit(model, part, tasks, registry, loss_fn, init_offset):
+  def fit(model, part, trainable, tasks, registry, loss_fn, init_offset):
     c = config[part]
-    batch_fn = _batches(dict(tasks), registry, seed + init_offset, int(c.batch_size), tokenizer, seq_len)
-    if c.get("slot_fill", False):
+    _, _, batch_fn = mixture_batches(dict(tasks), batch_size=c.batch_size, tokenizer=tokenizer,
+                                     seed=seed + init_offset, registry=registry, seq_len=seq_len)
+    if part == "m_a" and c.slot_fill:
       batch_fn = _with_slot_targets(batch_fn, table, tokenizer, sorted(tasks))
-    if part == "calm" and float(c.get("twin_loss", 0.0)) > 0:
+    if part == "calm" and c.twin_loss > 0:
       batch_fn = _with_twin(batch_fn, table, tokenizer)
-    return train(model, loss_fn=loss_fn, batch_fn=batch_fn, config=c, workdir=workdir / part,
+    return train(model, trainable=trainable, loss_fn=loss_fn, batch_fn=batch_fn, config=c, workdir=workdir / part,
                  meta={"part": part, "seed": seed}).model
 
   # 1. The two frozen bases, trained from scratch on their own tasks.
   m_a = build_decoder(config.m_a.model, tokenizer, seed * 1000 + 1)
   if ablation != "random_augment":
-    m_a = fit(m_a, "m_a", dict(config.m_a.get("data", {"kv_substitution": 1.0})), registries["all"], lm_batch_loss, 1)
+    m_a = fit(m_a, "m_a", nnx.Param, dict(config.m_a.data), registries["all"], lm_batch_loss, 1)
   # The ceiling of any composition: how well a linear map fitted on the held-in keys reads held-out values.
   probe = value_digit_probe(m_a, tokenizer, table, seed=seed)
   print("m_A value digits, linear probe fitted on held-in keys, held-out accuracy per digit place: "
         f"{[round(a, 3) for a in probe['concat']]} (all layers and slots), best single "
         f"{[round(a, 3) for a in probe['best_single']]}")
   m_b = build_decoder(config.m_b.model, tokenizer, seed * 1000 + 2)
-  m_b_loss = lm_batch_loss
-  if float(config.m_b.get("field_noise", 0.0)) > 0:
-    m_b_loss = noisy_field_loss(tokenizer.encode("#0123456789"), float(config.m_b.field_noise),
-                                float(config.m_b.model.init_std))
-  m_b = fit(m_b, "m_b", {"numeric_arithmetic": 1.0}, registries["all"], m_b_loss, 2)
-  if config.m_b.get("zero_key_embeddings", False):
+  m_b = fit(m_b, "m_b", nnx.Param, {"numeric_arithmetic": 1.0}, registries["all"], lm_batch_loss, 2)
+  if config.m_b.zero_key_embeddings:
     m_b = zero_embeddings(m_b, table.key_token_ids(tokenizer))
 
   examples = _eval_sets(config, registries)
@@ -219,22 +186,22 @@ def run(config, workdir) -> dict:
   # 2. The composition (or the LoRA control) on D_C over the held-in keys.
   tasks = dict(config.calm.data.tasks)
   if ablation == "lora":
-    n_compose = sum(np.size(x) for x in jax.tree.leaves(Composed(m_b, [m_a], **_compose_kwargs(config)).compose_params()))
+    composed = Composed(m_b, [m_a], **_compose_kwargs(config))
+    n_compose = sum(np.size(x) for x in jax.tree.leaves(composed.compose_params()))
     spec, rank = _lora_matching(m_b.config, str(config.lora.targets), n_compose)
     model = lora_lib.LoRAModel(m_b, spec, seed=seed)
-    model = fit(model, "calm", tasks, registries["held_in"],
-                lambda m, b, r: lm_loss(m(b["inputs"], b["attention_mask"]), b["targets"], b["loss_mask"]), 3)
+    model = fit(model, "calm", LoRAParam, tasks, registries["held_in"], lm_batch_loss, 3)
     trained = int(lora_lib.count_params(model.factors()))
     results["calm"] = _score(_decoder_generate(model.merged()), tokenizer, examples, registries, bs)
   else:
     model = Composed(m_b, [m_a], seed=seed, **_compose_kwargs(config))
     loss_fn = calm_batch_loss
-    if float(config.calm.get("twin_loss", 0.0)) > 0:
+    if config.calm.twin_loss > 0:
       # the twin match on every row but substitution's (its twin ends in `>`, a prompt the anchor never saw)
       sub = sorted(tasks).index("kv_substitution") if "kv_substitution" in tasks else -1
-      layers = tuple(config.calm.get("twin_layers", ()) or ()) or None
+      layers = tuple(config.calm.twin_layers) or None
       loss_fn = twin_loss(float(config.calm.twin_loss), lambda b: jnp.asarray(b["domain"]) != sub, layers)
-    model = fit(model, "calm", tasks, registries["held_in"], loss_fn, 3)
+    model = fit(model, "calm", ComposeParam, tasks, registries["held_in"], loss_fn, 3)
     trained = int(sum(np.size(x) for x in jax.tree.leaves(model.compose_params())))
     spec, params = model.spec, model.params()
     gen = lambda prompts, n: calm_generate(spec, params, prompts, max_new_tokens=n)
@@ -242,7 +209,7 @@ def run(config, workdir) -> dict:
 
   seconds = time.time() - t0
   out = {**results, "seconds": seconds, "ablation": ablation, "trained_params": trained,
-         "n_keys": table.n_keys, "held_in_keys": len(table.held_in), "seed": seed, "format": table.fmt,
+         "n_keys": table.n_keys, "held_in_keys": len(table.held_in), "seed": seed,
          "m_A_value_probe": probe,
          "params": {"m_A": _count(m_a), "m_B": _count(m_b)}, "paper": PAPER}
   if jax.process_index() == 0:
@@ -263,11 +230,10 @@ def _count(model) -> int:
 
 def _compose_kwargs(config) -> dict:
   c = config.calm.compose
-  layers = lambda x: None if x is None or len(x) == 0 else [list(x)]
-  return dict(augment_layers=layers(c.get("augment_layers")), anchor_layers=layers(c.get("anchor_layers")),
-              num_heads=c.get("num_heads") or None, aug_mode="encoder" if config.get("ablation") == "encoder"
-              else "iterative", cross_rope=bool(c.get("cross_rope", False)),
-              cross_null=bool(c.get("cross_null", False)), update_cap=float(c.get("update_cap", 0.0)))
+  layers = lambda x: [list(x)] if len(x) else None
+  return dict(augment_layers=layers(c.augment_layers), anchor_layers=layers(c.anchor_layers),
+              num_heads=c.num_heads or None, aug_mode="encoder" if config.ablation == "encoder" else "iterative",
+              cross_rope=bool(c.cross_rope), cross_null=bool(c.cross_null))
 
 
 def _lora_matching(cfg, targets: str, n_params: int):

@@ -1,21 +1,18 @@
 """The key-value data of CALM's Table 1 (paper §4.1), over a seeded key table.
 
-Two formats (`KeyValueTable(fmt=...)`):
+Every key is one vocabulary token (the paper samples its keys from PaLM2's vocabulary; printed
+`{qzf}`), and an operand is a fixed-width field: a head token then one digit slot per digit of N.
+A number's head is `#` and its slots are its zero-padded digits; a key's head is the key's token
+and its slots are blank (`_`). The anchor reads an operand's digits at its slots, and at every
+slot a causal m_A has already seen the whole key, so the value can be supplied exactly where the
+anchor reads it. (Keys spelled as letters, where the anchor reads digits at positions m_A has seen
+only part of the key, stayed at the floor: docs/calm.md.)
 
-* `"fields"` (default): every key is one vocabulary token (the paper samples its keys from
-  PaLM2's vocabulary; printed `{qzf}`), and an operand is a fixed-width field: a head token then
-  one digit slot per digit of N. A number's head is `#` and its slots are its zero-padded digits;
-  a key's head is the key's token and its slots are blank (`_`). The anchor reads an operand's
-  digits at its slots, and at every slot a causal m_A has already seen the whole key, so the value
-  can be supplied exactly where the anchor reads it.
-* `"chars"`: keys are `key_len` letters, numbers are plain digits. Here the anchor reads operand
-  digits at positions where m_A has seen only a prefix of the key (docs/calm.md).
-
-| task                | prompt ("fields")     | prompt ("chars") | answer  | who trains on it                        |
-| ------------------- | --------------------- | ---------------- | ------- | --------------------------------------- |
-| kv_substitution     | `{qzf}___+{abc}___>`  | `qzf+abc>`       | `17+42` | m_A (all keys); CALM (held-in keys)     |
-| numeric_arithmetic  | `#017+#042=`          | `17+42=`         | `59`    | m_B (never sees a key)                  |
-| kv_arithmetic       | `{qzf}___+{abc}___=`  | `qzf+abc=`       | `59`    | CALM (held-in keys); scored on held-out |
+| task                | prompt                | answer  | who trains on it                        |
+| ------------------- | --------------------- | ------- | --------------------------------------- |
+| kv_substitution     | `{qzf}___+{abc}___>`  | `17+42` | m_A (all keys); CALM (held-in keys)     |
+| numeric_arithmetic  | `#017+#042=`          | `59`    | m_B (never sees a key)                  |
+| kv_arithmetic       | `{qzf}___+{abc}___=`  | `59`    | CALM (held-in keys); scored on held-out |
 
 m_A is also trained to write each key's value into the key's own blank slots
 (`KeyValueTable.slot_targets`), so its state at a slot is the digit the anchor reads there.
@@ -35,33 +32,24 @@ from calm_jax.tokenizers import DEFAULT_CHARS, CharTokenizer
 
 LOWER = string.ascii_lowercase
 KEY_SETS = ("all", "held_in", "held_out")
-
-
-FORMATS = ("fields", "chars")
 # Single-token keys are characters of Unicode's private use area, so the tasks stay strings and
 # the tokenizer a `CharTokenizer` with these characters appended.
 _KEY_BASE, _MAX_KEYS = 0xE000, 0x1000
+BLANK = "_"  # a key's digit slots
 
 
 class KeyValueTable:
   """`n_keys` distinct lowercase keys of `key_len` letters -> distinct values (a seeded
   permutation of 1..n_keys), and a seeded held-in subset (`held_in_fraction` of the keys).
-  `fmt` says how keys and numbers are written in prompts (module docstring); `slot` is the
-  character in a key's digit slots ("fields": `_`, or `0` so a key reads to the anchor as a
-  zero-valued field whose digits the composition changes)."""
+  Keys and numbers are written as fields (module docstring)."""
 
-  def __init__(self, n_keys: int = 100, key_len: int = 3, held_in_fraction: float = 0.2, seed: int = 0,
-               fmt: str = "fields", slot: str = "_"):
+  def __init__(self, n_keys: int = 100, key_len: int = 3, held_in_fraction: float = 0.2, seed: int = 0):
     if n_keys < 2 or key_len < 1 or n_keys > len(LOWER) ** key_len:
       raise ValueError(f"KeyValueTable: need 2 <= n_keys <= 26**key_len, got n_keys={n_keys}, key_len={key_len}")
     if not 0 < held_in_fraction < 1:
       raise ValueError(f"KeyValueTable: held_in_fraction must be in (0, 1), got {held_in_fraction}")
-    if fmt not in FORMATS:
-      raise ValueError(f"KeyValueTable: unknown format {fmt!r}; expected one of {FORMATS}")
-    if fmt == "fields" and n_keys > _MAX_KEYS:
-      raise ValueError(f"KeyValueTable: the 'fields' format holds at most {_MAX_KEYS} keys, got {n_keys}")
-    if slot not in ("_", "0"):
-      raise ValueError(f"KeyValueTable: slot must be '_' or '0', got {slot!r}")
+    if n_keys > _MAX_KEYS:
+      raise ValueError(f"KeyValueTable: at most {_MAX_KEYS} keys (one token each), got {n_keys}")
     rng = np.random.default_rng([seed, 0x4B56])
     keys: set[str] = set()
     while len(keys) < n_keys:
@@ -72,30 +60,27 @@ class KeyValueTable:
     held = set(rng.permutation(n_keys)[:n_in].tolist())
     self.held_in = tuple(k for i, k in enumerate(self.keys) if i in held)
     self.held_out = tuple(k for i, k in enumerate(self.keys) if i not in held)
-    self.n_keys, self.key_len, self.seed, self.fmt, self.slot = n_keys, key_len, seed, fmt, slot
+    self.n_keys, self.key_len, self.seed = n_keys, key_len, seed
     self._key_index = {k: i for i, k in enumerate(self.keys)}
 
   @property
   def width(self) -> int:
-    """Digits of the largest value (the digit slots of a "fields" operand)."""
+    """Digits of the largest value (the digit slots of an operand)."""
     return len(str(self.n_keys))
 
   def key_text(self, key: str) -> str:
-    """How `key` is written in a prompt: its token and blank digit slots ("fields"), or its letters."""
-    if self.fmt == "chars":
-      return key
-    return chr(_KEY_BASE + self._key_index[key]) + self.slot * self.width
+    """How `key` is written in a prompt: its token and blank digit slots."""
+    return chr(_KEY_BASE + self._key_index[key]) + BLANK * self.width
 
   def number_text(self, value: int) -> str:
-    """How an operand is written in a prompt: `#` and its zero-padded digit slots ("fields"), or its digits."""
-    if self.fmt == "fields" and 0 <= value < 10 ** self.width:
+    """How an operand is written in a prompt: `#` and its zero-padded digit slots (a value outside the
+    table's range, plain digits)."""
+    if 0 <= value < 10 ** self.width:
       return "#" + str(value).zfill(self.width)
     return str(value)
 
   def tokenizer(self) -> CharTokenizer:
-    """The tokenizer both models share: the character vocabulary, plus one token per key ("fields")."""
-    if self.fmt == "chars":
-      return CharTokenizer()
+    """The tokenizer both models share: the character vocabulary, plus one token per key."""
     return CharTokenizer(DEFAULT_CHARS + tuple(chr(_KEY_BASE + i) for i in range(self.n_keys)))
 
   def pretty(self, text: str) -> str:
@@ -104,7 +89,7 @@ class KeyValueTable:
                    else c for c in text)
 
   def slot_targets(self, tokenizer, inputs, numbers: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Where the blank slots after each key token ask for that key's value ("fields"): token ids
+    """Where the blank slots after each key token ask for that key's value: token ids
     [B, T] -> (targets [B, T], mask [B, T]) with, at the k-th slot after a key, the key's k-th
     value digit (zero-padded) and mask 1; elsewhere -1 and 0. `numbers`: a number's slots too,
     whose digit is the one written there (a number stands for itself).
@@ -112,14 +97,12 @@ class KeyValueTable:
     Added to m_A's loss, this trains it to write each key's value into the key's own slots, the
     positions where the anchor reads an operand's digits, so the value is what m_A's states say
     there (its unembedding reads it linearly) instead of a lookup m_A only resolves after `>`."""
-    if self.fmt != "fields":
-      raise ValueError(f"slot targets need the 'fields' format, not {self.fmt!r}")
     inputs = np.asarray(inputs)
     key_of = np.full(max(int(inputs.max()) + 1, tokenizer.vocab_size), -1, np.int64)
     for i in range(self.n_keys):
       key_of[tokenizer.encode(chr(_KEY_BASE + i))[0]] = i
     digit_ids = np.asarray([tokenizer.encode(str(self.values[k]).zfill(self.width)) for k in self.keys])
-    blank, hash_id = tokenizer.encode(self.slot)[0], tokenizer.encode("#")[0]
+    blank, hash_id = tokenizer.encode(BLANK)[0], tokenizer.encode("#")[0]
     digits = np.asarray(tokenizer.encode("0123456789"))
     key_at = key_of[inputs]
     targets, mask = np.full(inputs.shape, -1, np.int64), np.zeros(inputs.shape, np.float32)
@@ -140,13 +123,11 @@ class KeyValueTable:
     return targets, mask
 
   def key_token_ids(self, tokenizer) -> list[int]:
-    """The vocabulary ids of the key tokens ("fields")."""
-    if self.fmt != "fields":
-      raise ValueError(f"key tokens exist only in the 'fields' format, not {self.fmt!r}")
+    """The vocabulary ids of the key tokens."""
     return [tokenizer.encode(chr(_KEY_BASE + i))[0] for i in range(self.n_keys)]
 
   def numeric_twin(self, tokenizer, inputs) -> np.ndarray:
-    """Token ids [B, T] with every key written as its number ("fields"): a key's token becomes `#`
+    """Token ids [B, T] with every key written as its number: a key's token becomes `#`
     and its blank slots its zero-padded value digits. Position for position, the prompt the anchor
     can already answer (`{qzf}___+{abc}___=` -> `#017+#042=`); number-only rows are unchanged."""
     inputs = np.asarray(inputs)
@@ -187,8 +168,7 @@ class _Expression(Task):
     self.memorization = keys != "all"
     if self.memorization:
       self.num_prompts = len(self.pool) ** operands * len(ops) ** (operands - 1)
-    width = 1 + table.width if table.fmt == "fields" else max(table.key_len, table.width)
-    self.max_prompt_chars = operands * width + operands
+    self.max_prompt_chars = operands * (1 + table.width) + operands
     top = table.n_keys ** operands if "*" in ops else operands * table.n_keys
     self.max_answer_chars = max(len(str(top)) + 1, operands * len(str(table.n_keys)) + operands - 1)
 

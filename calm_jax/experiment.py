@@ -40,8 +40,8 @@ def build_decoder(model_cfg, tokenizer, seed: int, mesh=None, rules=None) -> Dec
   """A randomly initialised decoder; with a mesh, created already sharded by the logical rules
   (eval_shape -> shardings -> jitted init), so no device ever holds the whole model."""
   cfg = decoder_config(model_cfg, tokenizer)
-  dtype = DTYPES[model_cfg.get("dtype", "float32")]
-  std = float(model_cfg.get("init_std", 0.02))
+  dtype = DTYPES[model_cfg.dtype]
+  std = float(model_cfg.init_std)
   if mesh is None:
     return Decoder(cfg, params=init_params(cfg, seed, dtype, std=std))
   from calm_jax import sharding

@@ -139,8 +139,10 @@ def load(path, dtype: str | None = "float32", check_finite: bool = True) -> Deco
 
 
 def save_params(cfg: DecoderConfig, params: dict, out_dir, *, max_shard_size="2GB", dtype: str | None = None,
-                copy_from=None, overwrite: bool = False, extra_files: dict[str, Any] | None = None) -> Path:
-  """Writes an HF directory (config.json, safetensors shards + index) atomically."""
+                copy_from=None, overwrite: bool = False, extra_files: dict[str, Any] | None = None,
+                tokenizer=None) -> Path:
+  """Writes an HF directory (config.json, safetensors shards + index) atomically: the tokenizer and
+  extra files ({name: text or JSON-able}) land in it before it is renamed into place."""
   if dtype is not None and dtype not in DTYPE_NAMES:
     raise ConfigError(f"dtype {dtype!r}: expected one of {', '.join(DTYPE_NAMES)}")
   flat = flatten(jax.device_get(params))
@@ -173,6 +175,8 @@ def save_params(cfg: DecoderConfig, params: dict, out_dir, *, max_shard_size="2G
       (tmp / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None}))
     for fname, content in (extra_files or {}).items():
       (tmp / fname).write_text(content if isinstance(content, str) else json.dumps(content, indent=2))
+    if tokenizer is not None:
+      tokenizer.save(tmp)
     with ShardedWriter(tmp, [(n, s, d) for n, s, d, _ in items], max_shard_size) as w:
       for n, _, _, thunk in items:
         w.write(n, thunk())
@@ -187,7 +191,8 @@ def _hf_order(name: str):
 
 
 def save(model: Decoder, out_dir, *, max_shard_size="2GB", dtype: str | None = None, copy_from=None,
-         overwrite: bool = False) -> Path:
-  """Writes `model` as an HF directory loadable by `load` and by transformers."""
+         overwrite: bool = False, tokenizer=None, extra_files: dict[str, Any] | None = None) -> Path:
+  """Writes `model` (and `tokenizer`, `extra_files`) as an HF directory loadable by `load` and by
+  transformers; `copy_from`: an HF directory whose tokenizer and generation files come along."""
   return save_params(model.config, model.params(), out_dir, max_shard_size=max_shard_size, dtype=dtype,
-                     copy_from=copy_from, overwrite=overwrite)
+                     copy_from=copy_from, overwrite=overwrite, tokenizer=tokenizer, extra_files=extra_files)

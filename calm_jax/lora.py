@@ -20,7 +20,7 @@ Interface (everything a method needs; parameters are plain nested dicts at the j
   merge_lora(cfg, params, lora, scale)     W + scale · A B (fp32, cast back), one adapter (or expert=i)
   LoRAModel(base: Decoder, spec, seed)     NNX: frozen base nnx.Param + LoRAParam factors;
                                            __call__(input_ids, attention_mask, experts=, weights=, rng=)
-                                           -> logits; train with calm_jax.train.train(trainable=["LoRAParam"])
+                                           -> logits; train with calm_jax.train.train(trainable=LoRAParam)
   save_adapter(dir, lora, spec, base_params) / load_adapter(dir, base_params=, rank=)
       adapter.safetensors + adapter_config.json (base fingerprint, targets, rank, alpha, experts);
       loading for another base or with another rank than asked is an AdapterError naming both.
@@ -103,8 +103,7 @@ class LoRASpec:
   @classmethod
   def from_config(cls, cfg: DecoderConfig, c, num_experts: int | None = None) -> "LoRASpec":
     """From a config block with targets, rank, alpha, dropout."""
-    return cls.create(cfg, c.targets, int(c.rank), float(c.get("alpha", c.rank)), float(c.get("dropout", 0.0)),
-                      num_experts)
+    return cls.create(cfg, c.targets, int(c.rank), float(c.alpha), float(c.dropout), num_experts)
 
   @property
   def scale(self) -> float:
@@ -313,8 +312,8 @@ def module_factors(holder: nnx.Module, spec: LoRASpec) -> dict[str, Any]:
 class LoRAModel(nnx.Module):
   """A frozen base (`nnx.Param`) plus `LoRAParam` factors; `__call__` gives logits for the trainer.
 
-  Training: `calm_jax.train.train(model, ..., config)` with `config.trainable = ["LoRAParam"]`
-  takes gradients and optimizer state for the factors only. The factors given are copied (the
+  Training: `calm_jax.train.train(model, trainable=LoRAParam, ...)` takes gradients and optimizer
+  state for the factors only. The factors given are copied (the
   trainer donates the state it trains, which would otherwise delete the caller's arrays).
   """
 

@@ -34,7 +34,7 @@ SINGLE_NAME = "model.safetensors"
 # Files copied from a source HF directory when saving a derived model (`calm_jax.hf`, the merge).
 AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
              "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "char_tokenizer.json",
-             "generation_config.json")
+             "generation_config.json", "task_settings.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 MAX_HEADER = 100 * 1024 * 1024
 MIN_READAHEAD = 128 << 10   # Linux's default read-ahead window (read_ahead_kb = 128)

@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 DATA_AXES = ("data", "fsdp")  # axes the batch is split over
 DEFAULT_MESH = (("data", -1), ("fsdp", 1), ("tensor", 1))
+REPLICA = "replica"  # devices a config leaves over hold copies (`mesh_shape`)
 
 # (logical name, mesh axis | tuple of mesh axes | None). A name may appear more than once:
 # the first rule that is None or still leaves a usable mesh axis wins, so config rules put in
@@ -56,8 +57,18 @@ def _axis_sizes(mesh) -> dict[str, int]:
   return dict(zip(mesh.axis_names, mesh.axis_sizes)) if mesh is not None else {}
 
 
-def mesh_shape(mesh_cfg: Sequence[tuple[str, int]], num_devices: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
-  """Resolves a `[(axis, size), ...]` config (one size may be -1 = the rest) against a device count."""
+def mesh_shape(mesh_cfg: Sequence[tuple[str, int]], num_devices: int,
+               batch_size: int | None = None) -> tuple[tuple[str, ...], tuple[int, ...]]:
+  """The one mesh policy: resolves `[(axis, size), ...]` against a device count.
+
+  Sizes >= 1 are axes the config wants fixed; at most one axis has size -1 and takes the rest of
+  the devices. Devices left over are replicated, never an error: with no -1 axis the remaining
+  factor, and with `batch_size` given, the part of the -1 axis that would not divide the batch
+  (when the -1 axis splits the batch), go to a trailing `replica` axis that no rule maps anything
+  onto. So a tiny model with a fixed 1 x 1 x 1 mesh, or a batch of 6 on 8 devices, runs: the
+  former replicated on every device, the latter 2-way data-parallel and 4-way replicated. Only a
+  fixed part that does not divide the devices is refused (a tensor axis of 3 on 8 devices).
+  """
   try:
     pairs = [(str(name), int(size)) for name, size in mesh_cfg]
   except (TypeError, ValueError):
@@ -65,35 +76,43 @@ def mesh_shape(mesh_cfg: Sequence[tuple[str, int]], num_devices: int) -> tuple[t
   if not pairs:
     raise ShardingError("mesh config is empty")
   names = tuple(n for n, _ in pairs)
-  if len(set(names)) != len(names):
-    raise ShardingError(f"mesh axis names repeat: {names}")
+  if len(set(names)) != len(names) or REPLICA in names:
+    raise ShardingError(f"mesh axis names must be distinct and not {REPLICA!r}: {names}")
   sizes = [s for _, s in pairs]
   bad = [(n, s) for n, s in pairs if s < 1 and s != -1]
   if bad:
     raise ShardingError(f"mesh axis sizes must be positive or -1 (the rest), got {bad}")
-  n_auto = sizes.count(-1)
-  if n_auto > 1:
-    raise ShardingError(f"at most one mesh axis may have size -1, got {n_auto} in {pairs}")
+  if sizes.count(-1) > 1:
+    raise ShardingError(f"at most one mesh axis may have size -1 (the rest), got {pairs}")
   fixed = math.prod(s for s in sizes if s != -1)
-  if n_auto:
-    if num_devices % fixed:
-      raise ShardingError(f"mesh {pairs}: the fixed axis sizes multiply to {fixed}, which does not divide "
-                          f"the {num_devices} devices")
-    sizes = [num_devices // fixed if s == -1 else s for s in sizes]
-  elif fixed != num_devices:
-    raise ShardingError(f"mesh {pairs}: the axis sizes multiply to {fixed}, but there are {num_devices} devices")
+  if num_devices % fixed:
+    raise ShardingError(f"mesh {pairs}: the fixed axis sizes multiply to {fixed}, which does not divide "
+                        f"the {num_devices} devices")
+  rest = num_devices // fixed
+  if -1 in sizes:
+    i = sizes.index(-1)
+    size = rest
+    if batch_size is not None and names[i] in DATA_AXES:
+      other_dp = math.prod(s for n, s in pairs if n in DATA_AXES and s != -1)
+      if batch_size % other_dp:
+        raise ShardingError(f"batch size {batch_size} is not divisible by the fixed data-parallel axes of mesh "
+                            f"{pairs} ({other_dp})")
+      size = max(d for d in range(1, rest + 1) if rest % d == 0 and batch_size % (d * other_dp) == 0)
+    sizes[i] = size
+    rest //= size
+  if rest > 1:
+    return names + (REPLICA,), tuple(sizes) + (rest,)
   return names, tuple(sizes)
 
 
 def make_mesh(mesh_cfg: Sequence[tuple[str, int]] = DEFAULT_MESH, devices=None,
-              axis_type: AxisType = AxisType.Auto) -> Mesh:
-  """A mesh over all (or the given) devices from `[("data", -1), ("fsdp", 1), ("tensor", 1)]`.
+              axis_type: AxisType = AxisType.Auto, batch_size: int | None = None) -> Mesh:
+  """A mesh over all (or the given) devices by the policy of `mesh_shape`.
 
-  Sizes are checked against the device count before anything is built; axes are Auto (see
-  the module docstring for why).
+  Axes are Auto (see the module docstring for why).
   """
   devices = list(jax.devices() if devices is None else devices)
-  names, sizes = mesh_shape(mesh_cfg, len(devices))
+  names, sizes = mesh_shape(mesh_cfg, len(devices), batch_size)
   return jax.make_mesh(sizes, names, axis_types=(axis_type,) * len(names), devices=devices)
 
 

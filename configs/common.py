@@ -48,12 +48,13 @@ def add_common(c: ml_collections.ConfigDict, *, steps: int, batch_size: int) -> 
   c.seed = 0
   c.steps = steps
   c.batch_size = batch_size
-  c.trainable = ["Param"]
-  c.frozen = []  # regexes of parameter paths kept frozen although their type trains
+  c.frozen = []  # regexes of parameter paths kept frozen although their type trains (the method names the type)
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-3, schedule="cosine", warmup_steps=0, final_lr_fraction=0.0,
-      weight_decay=0.0, clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8))
-  # (mesh axis, size); -1 takes the remaining devices.
+      weight_decay=0.0, no_decay=[".*norm.*", ".*bias.*"], clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8,
+      momentum=0.0))
+  # (mesh axis, size): sizes are fixed, -1 takes the remaining devices, and what a batch cannot use is
+  # replicated (calm_jax.sharding.mesh_shape): any device count runs.
   c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
   c.rules = []  # [(logical axis, mesh axis or None)] overriding calm_jax.sharding.DEFAULT_RULES
   c.log_every = 50

@@ -19,9 +19,8 @@ def main(argv):
 
   from calm_jax import hf
   from calm_jax.decoding import generate
-  from calm_jax.pretrain import task_registry
   from calm_jax.registry import get_method
-  from calm_jax.tasks import TASKS
+  from calm_jax.tasks import TASKS, task_registry
   from calm_jax.tokenizers import load_tokenizer
   from configs.pretrain import get_config
   from launch.methods import import_methods
@@ -36,7 +35,7 @@ def main(argv):
   print("== 2. the base, loaded back from its HF directory, answers test prompts greedily")
   model = hf.load(base / "hf")
   tok = load_tokenizer(base / "hf")
-  tasks = {**TASKS, **task_registry(base_config)}  # the base's own task settings (2-digit arithmetic)
+  tasks = {**TASKS, **task_registry(base_config.data.task_args)}  # the base's own settings (2-digit arithmetic)
   examples = [tasks[t].split("test", 1, seed=1)[0] for t in ("addition", "subtraction", "reverse", "sort", "max")]
   outs = generate(model, [[tok.bos_id] + tok.encode(e.prompt) for e in examples], max_new_tokens=10)
   for e, o in zip(examples, outs):

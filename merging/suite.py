@@ -25,13 +25,15 @@ from pathlib import Path
 
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from calm_jax import hf
 from calm_jax.experiment import bar_chart, print_table, suite_accuracy, write_results
-from calm_jax.pretrain import base_hf_dir, lm_batch_loss, mixture_batches, task_registry
+from calm_jax.pretrain import base_hf_dir
 from calm_jax.registry import register_method
+from calm_jax.tasks import mixture_batches, task_registry
 from calm_jax.tokenizers import load_tokenizer
-from calm_jax.train import train
+from calm_jax.train import lm_batch_loss, train
 from merging.stream import REPORT_NAME, merge_checkpoints
 
 
@@ -58,18 +60,19 @@ def merge_specs(config) -> dict[str, tuple[str, dict]]:
   return {k: v for k, v in specs.items() if not m.methods or wanted(k)}
 
 
-def finetune(config, base_hf: Path, task: str, workdir: Path, tokenizer) -> Path:
-  """Full fine-tune of the base on one task (every nnx.Param trains); returns its HF directory."""
+def finetune(config, base_hf: Path, task: str, workdir: Path, tokenizer, registry) -> Path:
+  """Full fine-tune of the base on one task (every nnx.Param trains); returns its HF directory, which
+  carries the base's tokenizer and task settings."""
   out = workdir / "finetuned" / task
   if (out / "hf" / "config.json").exists():
     return out / "hf"
   c = ml_collections.ConfigDict(config.finetune.to_dict())
   c.seed = int(config.seed)
-  c.data = ml_collections.ConfigDict(dict(tasks={task: 1.0}, seq_len=0, task_args=config.data.task_args.to_dict()))
-  _, _, batch_fn = mixture_batches(c, tokenizer)
-  result = train(hf.load(base_hf), loss_fn=lm_batch_loss, batch_fn=batch_fn, config=c, workdir=out, quiet=True)
-  hf.save(result.model, out / "hf", overwrite=True)
-  tokenizer.save(out / "hf")
+  _, _, batch_fn = mixture_batches({task: 1.0}, batch_size=c.batch_size, tokenizer=tokenizer, seed=c.seed,
+                                   registry=registry)
+  result = train(hf.load(base_hf), trainable=nnx.Param, loss_fn=lm_batch_loss, batch_fn=batch_fn, config=c,
+                 workdir=out, quiet=True)
+  hf.save(result.model, out / "hf", overwrite=True, copy_from=base_hf)
   return out / "hf"
 
 
@@ -77,9 +80,9 @@ def finetune(config, base_hf: Path, task: str, workdir: Path, tokenizer) -> Path
 def run(config, workdir) -> dict:
   t0 = time.time()
   workdir = Path(workdir)
-  base_hf = base_hf_dir(config.base_workdir, workdir / "base", config.base_variant)
+  base_hf = base_hf_dir(config.base_workdir, config.pretrain, fallback=workdir / "base")
   tokenizer = load_tokenizer(base_hf)
-  registry = task_registry(config)
+  registry = task_registry(config.data.task_args)
   tasks = list(config.tasks)
   ev = config.eval
 
@@ -91,7 +94,7 @@ def run(config, workdir) -> dict:
   ft_dirs = {}
   for task in tasks:
     t = time.time()
-    ft_dirs[task] = finetune(config, base_hf, task, workdir, tokenizer)
+    ft_dirs[task] = finetune(config, base_hf, task, workdir, tokenizer, registry)
     print(f"fine-tuned on {task}: {ft_dirs[task]} ({time.time() - t:.0f} s)")
   base_acc = score(base_hf)
   ft_acc = {task: score(d) for task, d in ft_dirs.items()}

@@ -1,40 +1,32 @@
 """Training one LoRA on a task mixture (a domain expert, or the single-LoRA baseline), and the
 "moa_expert" method: `python -m launch.train --config=configs/moa/expert.py:domain=count --workdir=DIR`.
 
-The adapter is trained with the shared trainer (`trainable=["LoRAParam"]`: the base gets no
+The adapter is trained with the shared trainer (`trainable=LoRAParam`: the base gets no
 gradient and no optimizer state) and saved on its own in DIR/adapter (safetensors + JSON with
 the base's fingerprint), where `moa.experts.load_experts` stacks it with the other domains'.
 """
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
 import jax
-import ml_collections
 
-from calm_jax import hf, sharding
+from calm_jax import hf
 from calm_jax.experiment import print_table, suite_accuracy, write_results
 from calm_jax.lora import ADAPTER_CONFIG, LoRAModel, LoRASpec, load_adapter, save_adapter
-from calm_jax.pretrain import base_hf_dir, mixture_batches, task_registry
+from calm_jax.pretrain import base_hf_dir
 from calm_jax.registry import register_method
+from calm_jax.tasks import mixture_batches, task_registry
 from calm_jax.tokenizers import load_tokenizer
 from calm_jax.train import lm_loss, train
+from calm_jax.variables import LoRAParam
 
 
 def lora_lm_loss(model: LoRAModel, batch, rng):
   """Next-token loss on answer tokens (LoRA dropout draws from rng)."""
   logits = model(batch["inputs"], batch["attention_mask"], rng=rng)
   return lm_loss(logits, batch["targets"], batch["loss_mask"])
-
-
-def mesh_of(train_cfg):
-  """The config's mesh; one with fixed sizes (the tiny-model default, 1 x 1 x 1) takes the first devices."""
-  sizes = [int(n) for _, n in train_cfg.mesh]
-  if all(n > 0 for n in sizes):
-    return sharding.make_mesh(train_cfg.mesh, devices=jax.devices()[:math.prod(sizes)])
-  return sharding.make_mesh(train_cfg.mesh)
 
 
 def train_lora(base_hf, tasks: dict[str, float], lora_cfg, train_cfg, task_args, workdir, *,
@@ -47,16 +39,14 @@ def train_lora(base_hf, tasks: dict[str, float], lora_cfg, train_cfg, task_args,
   tokenizer = load_tokenizer(base_hf)
   base = hf.load(base_hf)
   spec = LoRASpec.from_config(base.config, lora_cfg)
-  c = ml_collections.ConfigDict(train_cfg.to_dict())
-  c.trainable = ["LoRAParam"]
-  c.data = ml_collections.ConfigDict(dict(tasks=dict(tasks), seq_len=0, task_args=dict(task_args)))
-  model = LoRAModel(base, spec, seed=int(c.seed))
-  _, _, batch_fn = mixture_batches(c, tokenizer)
-  result = train(model, loss_fn=lora_lm_loss, batch_fn=batch_fn, config=c, workdir=workdir, mesh=mesh_of(c),
-                 quiet=quiet)
+  model = LoRAModel(base, spec, seed=int(train_cfg.seed))
+  _, _, batch_fn = mixture_batches(tasks, batch_size=train_cfg.batch_size, tokenizer=tokenizer,
+                                   seed=int(train_cfg.seed), registry=task_registry(task_args))
+  result = train(model, trainable=LoRAParam, loss_fn=lora_lm_loss, batch_fn=batch_fn, config=train_cfg,
+                 workdir=workdir, quiet=quiet)
   save_adapter(out, result.model.factors(), spec, base.params(), overwrite=True,
-               metadata={"tasks": dict(tasks), "steps": int(c.steps), "final_loss": result.metrics.get("loss"),
-                         **(metadata or {})})
+               metadata={"tasks": dict(tasks), "steps": int(train_cfg.steps),
+                         "final_loss": result.metrics.get("loss"), **(metadata or {})})
   return out
 
 
@@ -65,13 +55,13 @@ def run(config, workdir) -> dict:
   """One domain expert: train, save the adapter, score base vs base+adapter on the domain."""
   t0 = time.time()
   workdir = Path(workdir)
-  base_hf = base_hf_dir(config.base_workdir, workdir / "base")
+  base_hf = base_hf_dir(config.base_workdir, config.pretrain, fallback=workdir / "base")
   adapter = train_lora(base_hf, {config.domain: 1.0}, config.lora, config.train, config.data.task_args, workdir,
                        metadata={"domain": config.domain}, quiet=False)
   tokenizer = load_tokenizer(base_hf)
   base = hf.load(base_hf)
   lora, spec, meta = load_adapter(adapter, base.params(), cfg=base.config)
-  registry = task_registry(config)
+  registry = task_registry(config.data.task_args)
   ev = config.eval
   score = lambda m: suite_accuracy(m, tokenizer, [config.domain], n_per_task=ev.n_per_task, split=ev.split,
                                    batch_size=ev.batch_size, registry=registry)[config.domain]

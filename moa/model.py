@@ -4,7 +4,7 @@ Training step (one compiled step over a mixed-domain batch):
     loss = LM(forward with each example's *labelled* expert) + γ · mean_l CE(p_l, domain)
 where p_l is layer l's router distribution computed from the hidden states of that same forward
 (`return_hidden`), pooled over the prompt tokens. Experts train or stay frozen by
-`config.trainable` (["RouterParam"] or ["RouterParam", "LoRAParam"]).
+the types passed to the trainer (`RouterParam`, with `LoRAParam` frozen or trained too).
 """
 from __future__ import annotations
 

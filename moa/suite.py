@@ -31,16 +31,16 @@ import numpy as np
 from calm_jax import hf
 from calm_jax.experiment import bar_chart, print_table, write_results
 from calm_jax.lora import LoRAModel, init_lora, load_adapter
-from calm_jax.pretrain import task_registry
+from calm_jax.pretrain import base_hf_dir
 from calm_jax.registry import register_method
-from calm_jax.tasks import Mixture, max_seq_len
+from calm_jax.tasks import Mixture, max_seq_len, task_registry
 from calm_jax.tokenizers import load_tokenizer
 from calm_jax.train import train
+from calm_jax.variables import LoRAParam, RouterParam
 from moa import evaluate as E
 from moa.classifier import DomainClassifier, classifier_loss
 from moa.experts import add_expert, load_experts, stack_loras
-from calm_jax.pretrain import base_hf_dir
-from moa.lora_training import mesh_of, train_lora
+from moa.lora_training import train_lora
 from moa.model import MoAModel, load_moa, moa_loss, save_moa
 from moa.routers import extend_routers
 
@@ -71,10 +71,10 @@ def train_moa(base_hf, spec, experts, routers, domains, tc, gamma, train_experts
   model = MoAModel(base, spec, experts, routers, seed=seed)
   c = ml_collections.ConfigDict(tc.to_dict())
   c.seed = seed
-  c.trainable = ["RouterParam", "LoRAParam"] if train_experts else ["RouterParam"]
-  result = train(model, loss_fn=moa_loss(float(gamma)), batch_fn=labelled_batches(domains, c, tokenizer, registry,
-                                                                                   int(c.batch_size)),
-                 config=c, workdir=workdir, mesh=mesh_of(c), quiet=True)
+  trainable, frozen = ((RouterParam, LoRAParam), ()) if train_experts else (RouterParam, LoRAParam)
+  result = train(model, trainable=trainable, frozen=frozen, loss_fn=moa_loss(float(gamma)),
+                 batch_fn=labelled_batches(domains, c, tokenizer, registry, int(c.batch_size)),
+                 config=c, workdir=workdir, quiet=True)
   save_moa(out, result.model, metadata={"domains": list(domains)}, overwrite=True)
   return result.model
 
@@ -82,11 +82,10 @@ def train_moa(base_hf, spec, experts, routers, domains, tc, gamma, train_experts
 def train_classifier(base_hf, domains, tc, workdir, tokenizer, registry, seed) -> DomainClassifier:
   c = ml_collections.ConfigDict(tc.to_dict())
   c.seed = seed
-  c.trainable = ["RouterParam"]
   model = DomainClassifier(hf.load(base_hf), len(domains), seed)
-  result = train(model, loss_fn=classifier_loss,
+  result = train(model, trainable=RouterParam, loss_fn=classifier_loss,
                  batch_fn=labelled_batches(domains, c, tokenizer, registry, int(c.batch_size)),
-                 config=c, workdir=workdir, mesh=mesh_of(c), quiet=True)
+                 config=c, workdir=workdir, quiet=True)
   return result.model
 
 
@@ -101,9 +100,9 @@ def score(base, spec, experts, route_fn, tokenizer, domains, ev, registry, eval_
 def run(config, workdir) -> dict:
   t0 = time.time()
   workdir = Path(workdir)
-  base_hf = base_hf_dir(config.base_workdir, workdir / "base")
+  base_hf = base_hf_dir(config.base_workdir, config.pretrain, fallback=workdir / "base")
   tokenizer = load_tokenizer(base_hf)
-  registry = task_registry(config)
+  registry = task_registry(config.data.task_args)
   domains = list(config.domains)
   seed = int(config.seed)
   ev = config.eval

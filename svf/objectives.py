@@ -8,7 +8,7 @@ official code's `F.kl_div(logp_θ, logp_ref, log_target=True)` direction (the pa
 reverse). Rollouts come from the KV-cache decoder without gradient; the log-probs are
 recomputed by a teacher-forced forward of prompt + rollout under the current z.
 
-Next-token prediction is the alternative: `calm_jax.pretrain.lm_batch_loss` on the SVF model.
+Next-token prediction is the alternative: `calm_jax.train.lm_batch_loss` on the SVF model.
 """
 from __future__ import annotations
 

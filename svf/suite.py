@@ -44,7 +44,7 @@ def expert_config(config, task: str, adapter: str, objective: str) -> ml_collect
   c = ml_collections.ConfigDict(config.expert.to_dict())
   c.method = "svf_expert"
   c.base_workdir = config.base_workdir
-  c.base_variant = config.base_variant
+  c.pretrain = ml_collections.ConfigDict(config.pretrain.to_dict())
   c.task = task
   c.adapter = adapter
   c.objective = objective
@@ -56,7 +56,7 @@ def expert_config(config, task: str, adapter: str, objective: str) -> ml_collect
     c.classifier.sources = {**labels, OTHER: list(config.other_tasks)}
   if adapter == "lora" and config.lora_lr:
     c.optimizer.lr = float(config.lora_lr)
-  if objective == "ntp" and config.get("ntp_lr", 0):
+  if objective == "ntp" and config.ntp_lr:
     c.optimizer.lr = float(config.ntp_lr)
   c.quiet = True
   return c
@@ -80,7 +80,7 @@ def run(config, workdir) -> dict:
 
   runs = {}  # row -> {task: the expert run's results}
   for row, adapter, objective_key, subdir in ROWS:
-    objective = config.get(objective_key, "")
+    objective = config[objective_key]
     if not objective:  # "" leaves the row out
       continue
     runs[row] = {}
@@ -141,7 +141,7 @@ def run(config, workdir) -> dict:
                      "by_strategy_with_compile": seconds, "total": time.time() - t0},
          "dispatch_accuracy": dispatch, "classifier_test_accuracy": cls_res["test_accuracy"],
          "adaptation": info, "expert_tasks": tasks, "heldout_tasks": heldout_tasks, "adapt_experts": adapt_row,
-         "objectives": {row: config.get(key) for row, _, key, _ in ROWS if row in runs}, "expert_runs": runs}
+         "objectives": {row: config[key] for row, _, key, _ in ROWS if row in runs}, "expert_runs": runs}
   write_results(workdir, out)
   print_table("training tasks: test accuracy (%)", train_tasks)
   print_table("held-out tasks, two-pass adaptation: test accuracy (%)", heldout)

@@ -26,11 +26,12 @@ import numpy as np
 from calm_jax import hf, sharding
 from calm_jax.experiment import suite_accuracy, write_results
 from calm_jax.fingerprint import fingerprint
-from calm_jax.pretrain import base_hf_dir, lm_batch_loss, task_registry
+from calm_jax.pretrain import base_hf_dir
 from calm_jax.registry import register_method
-from calm_jax.tasks import Mixture, max_seq_len
+from calm_jax.tasks import Mixture, max_seq_len, task_registry
 from calm_jax.tokenizers import load_tokenizer
-from calm_jax.train import train
+from calm_jax.train import lm_batch_loss, train
+from calm_jax.variables import LoRAParam, SVFParam
 from svf.decompose import cached_decompose, target_regex
 from svf.dispatch import Classify
 from svf.expert import load_expert, save_expert
@@ -41,8 +42,8 @@ EXPERT_NAME = "expert.safetensors"
 
 
 def base_dir(config) -> Path:
-  """The base's HF directory (config.base_workdir/hf), trained by the pretrain method if missing."""
-  return base_hf_dir(config.base_workdir, None, config.get("base_variant") or "")
+  """The base's HF directory (config.base_workdir/hf), trained with config.pretrain if missing."""
+  return base_hf_dir(config.base_workdir, config.pretrain)
 
 
 def registry_for(config) -> dict:
@@ -53,8 +54,8 @@ def registry_for(config) -> dict:
   import copy
 
   from calm_jax.tasks import Interleaved, get_task
-  reg = task_registry(config)
-  for name, spec in dict(config.data.get("variants", None) or {}).items():
+  reg = task_registry(config.data.task_args)
+  for name, spec in dict(config.data.variants).items():
     spec = dict(spec)
     kind = spec.pop("task")
     if kind == "interleaved":
@@ -63,9 +64,8 @@ def registry_for(config) -> dict:
     task = copy.copy(get_task(kind, **spec))  # without arguments get_task returns the shared default
     task.name = name  # its own name: its own splits and results column
     reg[name] = task
-  cls = config.get("classifier", None)
-  if cls is not None and cls.get("sources"):
-    reg[Classify.name] = Classify(dict(cls.sources), cls.template, registry=reg)  # sees the whole prompt
+  if config.classifier.sources:  # sees the whole prompt
+    reg[Classify.name] = Classify(dict(config.classifier.sources), config.classifier.template, registry=reg)
   return reg
 
 
@@ -74,7 +74,7 @@ def load_svf_model(config, base_hf: Path, mesh=None) -> SVFModel:
   base = hf.load(base_hf)
   cache = config.svf.cache_dir or str(Path(base_hf).parent / "svd_cache")
   factors = cached_decompose(base.params(), config.svf.targets, cache, mesh=mesh,
-                             algorithm=config.svf.get("svd_algorithm", "lapack"))
+                             algorithm=config.svf.svd_algorithm)
   return SVFModel(base, factors, f=config.svf.f, init=config.svf.init, noise=config.svf.noise,
                   seed=int(config.seed))
 
@@ -131,21 +131,20 @@ def lora_params(m):
 def run(config, workdir) -> dict:
   t0 = time.time()
   workdir = Path(workdir)
-  lora = config.get("adapter", "svf") == "lora"
+  lora = config.adapter == "lora"
   expert_path = workdir / ("adapter" if lora else EXPERT_NAME)
-  if config.get("reuse", False) and expert_path.exists() and (workdir / "results.json").exists():
+  if config.reuse and expert_path.exists() and (workdir / "results.json").exists():
     return json.loads((workdir / "results.json").read_text())
   base_hf = base_dir(config)
   tokenizer = load_tokenizer(base_hf)
   registry = registry_for(config)
-  mesh = sharding.make_mesh(config.mesh)  # the SVD and the training step share the config's mesh
+  # the SVD and the training step share the config's mesh
+  mesh = sharding.make_mesh(config.mesh, batch_size=int(config.batch_size))
   model = load_svf_model(config, base_hf, mesh)
   base_fp = fingerprint(model.base.params())
-  adapted = (lambda m: m.adapted_params())
+  adapted, trainable = (lambda m: m.adapted_params()), SVFParam
   if lora:
-    model, adapted = lora_baseline(config, model), lora_params
-    with config.unlocked():
-      config.trainable = ["LoRAParam"]
+    model, adapted, trainable = lora_baseline(config, model), lora_params, LoRAParam
 
   if config.objective == "reinforce":
     mixture, task, batch_fn = prompt_batches(config, tokenizer, registry)
@@ -157,7 +156,7 @@ def run(config, workdir) -> dict:
         adapted=adapted)
   elif config.objective == "ntp":
     mixture = Mixture({config.task: 1.0}, seed=int(config.seed), registry=registry)
-    seq_len = int(config.data.get("seq_len", 0)) or max_seq_len([mixture.tasks[config.task]])
+    seq_len = int(config.data.seq_len) or max_seq_len([mixture.tasks[config.task]])
     batch_fn = lambda step: mixture.batch(step, int(config.batch_size), tokenizer, seq_len)  # noqa: E731
     loss_fn = lm_batch_loss
   else:
@@ -186,10 +185,11 @@ def run(config, workdir) -> dict:
     return {"val_accuracy": val}
 
   keep_if_best(model, 0)  # the start (z = init, W' ≈ W) is a candidate too
-  result = train(model, loss_fn=loss_fn, batch_fn=batch_fn, config=config, workdir=workdir, eval_fn=keep_if_best, mesh=mesh,
+  result = train(model, trainable=trainable, loss_fn=loss_fn, batch_fn=batch_fn, config=config, workdir=workdir,
+                 eval_fn=keep_if_best, mesh=mesh,
                  meta={"base": base_fp, "targets": target_regex(config.svf.targets), "task": config.task},
-                 quiet=config.get("quiet", False))
-  if not int(config.get("eval_every", 0)):
+                 quiet=config.quiet)
+  if not int(config.eval_every):
     keep_if_best(result.model, result.step)
   model = result.model
   if lora:

@@ -22,7 +22,7 @@ import pytest  # noqa: E402
 # initializer_range 0.1 (not HF's 0.02) so logits are O(1) and comparisons against the
 # reference mean something (the reasoning in tests/hf_zoo.py).
 TINY_LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-         num_key_value_heads=2, vocab_size=64, max_position_embeddings=128, initializer_range=0.1)
+                  num_key_value_heads=2, vocab_size=64, max_position_embeddings=128, initializer_range=0.1)
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +37,7 @@ def tiny_llama_dir(tmp_path_factory):
 
   torch.manual_seed(0)
   config = LlamaConfig(**TINY_LLAMA, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-            tie_word_embeddings=False)
+                       tie_word_embeddings=False)
   model = LlamaForCausalLM(config).eval()
   path = tmp_path_factory.mktemp("tiny_llama")
   model.save_pretrained(path)
@@ -72,7 +72,7 @@ def tiny_base_dir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("tiny_base")
   root = Path(__file__).resolve().parents[1]
   proc = subprocess.run([sys.executable, "-m", "launch.train", "--config=configs/pretrain.py",
-             f"--workdir={workdir}"], cwd=root, capture_output=True, text=True, timeout=900)
+                         f"--workdir={workdir}"], cwd=root, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir
 

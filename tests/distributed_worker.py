@@ -19,7 +19,7 @@ BATCH, LENGTH = 8, 12
 def tiny_config():
   from calm_jax.models import DecoderConfig
   return DecoderConfig.make(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2)
+                            num_attention_heads=4, num_key_value_heads=2)
 
 
 def tokens(vocab_size):

@@ -13,26 +13,26 @@ SEQ_LEN = 24
 # logits are ~0.5, so a wrong RoPE or window changes them by only ~1e-3; at 0.1 the logits are
 # O(3) and every feature tested here moves them by O(1) (measured), far above the tolerances.
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-      initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
-         high_freq_factor=4.0, original_max_position_embeddings=16)  # < SEQ_LEN
+                   high_freq_factor=4.0, original_max_position_embeddings=16)  # < SEQ_LEN
 CASES = {
   # name: (model_type, config kwargs, expected DecoderConfig fields)
   "llama_gqa": ("llama", {}, dict(num_kv_heads=2, num_heads=4, rope_type="default")),
   "llama3_rope": ("llama", dict(rope_parameters=LLAMA3_ROPE),
-          dict(rope_type="llama3", rope_factor=8.0, rope_original_max_positions=16)),
+                  dict(rope_type="llama3", rope_factor=8.0, rope_original_max_positions=16)),
   "llama_linear_rope": ("llama", dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=4.0)),
-             dict(rope_type="linear", rope_factor=4.0)),
+                        dict(rope_type="linear", rope_factor=4.0)),
   "llama_bias": ("llama", dict(attention_bias=True, mlp_bias=True),
-         dict(qkv_bias=True, o_bias=True, mlp_bias=True)),
+                 dict(qkv_bias=True, o_bias=True, mlp_bias=True)),
   "mistral_window": ("mistral", dict(sliding_window=5), dict(layer_windows=(5, 5, 5))),
   "qwen2_tied": ("qwen2", dict(tie_word_embeddings=True),
-         dict(tie_word_embeddings=True, qkv_bias=True, o_bias=False, layer_windows=(0, 0, 0))),
+                 dict(tie_word_embeddings=True, qkv_bias=True, o_bias=False, layer_windows=(0, 0, 0))),
   "qwen2_mixed_window": ("qwen2", dict(use_sliding_window=True, sliding_window=5,
-                    layer_types=["full_attention", "sliding_attention", "full_attention"]),
-             dict(layer_windows=(0, 5, 0), qkv_bias=True)),
+                                       layer_types=["full_attention", "sliding_attention", "full_attention"]),
+                         dict(layer_windows=(0, 5, 0), qkv_bias=True)),
 }
 
 CLASSES = {

@@ -20,8 +20,6 @@ def test_table_keys_values_and_split():
     KeyValueTable(50, 3, 1.0)
   with pytest.raises(ValueError, match="n_keys"):
     KeyValueTable(800, 2)
-  with pytest.raises(ValueError, match="unknown format"):
-    KeyValueTable(50, 3, fmt="tokens")
 
 
 def _python_expression(table, text):
@@ -47,10 +45,9 @@ def _python_expression(table, text):
   return "".join(out), keys
 
 
-@pytest.mark.parametrize("fmt", ["fields", "chars"])
 @pytest.mark.parametrize("operands,ops", [(2, "+"), (3, "+-*")])
-def test_tasks_agree_with_python_arithmetic(operands, ops, fmt):
-  t = KeyValueTable(30, 3, 0.2, seed=1, fmt=fmt)
+def test_tasks_agree_with_python_arithmetic(operands, ops):
+  t = KeyValueTable(30, 3, 0.2, seed=1)
   reg = kv_registry(t, operands, ops)
   tok = t.tokenizer()
   rng = np.random.default_rng(0)
@@ -69,10 +66,10 @@ def test_tasks_agree_with_python_arithmetic(operands, ops, fmt):
     for e in (ex, sub, num):
       assert len(tok.encode(e.prompt)) <= reg["all"][e.task].max_prompt_chars
       assert len(tok.encode(e.answer)) <= reg["all"][e.task].max_answer_chars
-  if fmt == "fields":  # one token per key, then blank slots; numbers as '#' and zero-padded digits
-    assert len(tok.encode(t.key_text(t.keys[0]))) == 3 == len(tok.encode(t.number_text(7)))
-    assert t.number_text(7) == "#07" and t.key_text(t.keys[0]).endswith("__")
-    assert tok.vocab_size == len(CharTokenizer().chars) + 30
+  # one token per key, then blank slots; numbers as '#' and zero-padded digits
+  assert len(tok.encode(t.key_text(t.keys[0]))) == 3 == len(tok.encode(t.number_text(7)))
+  assert t.number_text(7) == "#07" and t.key_text(t.keys[0]).endswith("__")
+  assert tok.vocab_size == len(CharTokenizer().chars) + 30
   # a held-in expression set is finite and used whole
   assert reg["held_in"]["kv_arithmetic"].num_prompts == 6 ** operands * len(ops) ** (operands - 1)
 
@@ -136,15 +133,14 @@ def test_value_probe_reads_linear_digits_and_not_noise():
   assert acc[1:].max() <= 0.3  # tens and units near chance (0.1)
 
 
-@pytest.mark.parametrize("slot", ["_", "0"])
-def test_slot_targets_ask_each_slot_for_its_digit(slot):
+def test_slot_targets_ask_each_slot_for_its_digit():
   # m_A's slot supervision: the k-th slot after a key -> the key's k-th (zero-padded) value digit;
   # with numbers=True a number's slots -> the digit written there; nothing anywhere else.
-  t = KeyValueTable(200, 3, 0.2, seed=1, slot=slot)
+  t = KeyValueTable(200, 3, 0.2, seed=1)
   tok = t.tokenizer()
   k1, k2 = t.keys[3], t.keys[150]
   text = t.key_text(k1) + "+#047+" + t.key_text(k2) + "="
-  assert text.endswith(slot * 3 + "=")
+  assert text.endswith("___=")
   ids = np.asarray([tok.encode(text), tok.encode("#305+" + t.key_text(k1) + "+#621=")])
   for numbers in (False, True):
     targets, mask = t.slot_targets(tok, ids, numbers=numbers)
@@ -163,35 +159,6 @@ def test_slot_targets_ask_each_slot_for_its_digit(slot):
       assert got == want
       assert np.all(targets[row][mask[row] == 0] == -1)
   assert t.values[k1] != t.values[k2]
-  with pytest.raises(ValueError, match="fields"):
-    KeyValueTable(20, 3, fmt="chars").slot_targets(CharTokenizer(), ids)
-
-
-def test_noisy_field_loss_blurs_only_number_fields(fast_compile):
-  # m_B's optional field noise: off (prob 0, or no field tokens) it is the plain answer loss
-  # exactly; on, it changes the loss, and only through the prompt's `#` and digit tokens.
-  import jax
-  from calm.kv_arithmetic import _batches, noisy_field_loss
-  from calm_jax.experiment import build_decoder
-  from calm_jax.pretrain import lm_batch_loss
-  from configs.calm.kv_arithmetic import get_config
-  table = KeyValueTable(20, 3, 0.2, seed=0)
-  tok = table.tokenizer()
-  reg = kv_registry(table)["all"]
-  model = build_decoder(get_config("tiny").m_b.model, tok, 0)
-  fields = tok.encode("#0123456789")
-  rng = jax.random.key(3)
-  for task in ("numeric_arithmetic", "kv_substitution"):
-    batch = _batches({task: 1.0}, reg, 0, 8, tok, 24)(0)
-    plain = float(lm_batch_loss(model, batch, rng)[0])
-    loss = lambda ids, prob: float(noisy_field_loss(ids, prob, 0.02)(model, batch, rng)[0])
-    assert loss(fields, 0.0) == pytest.approx(plain, rel=1e-6)
-    assert loss([tok.encode("?")[0]], 1.0) == pytest.approx(plain, rel=1e-6)
-    blurred = loss(fields, 1.0)
-    if task == "numeric_arithmetic":
-      assert abs(blurred - plain) > 1e-4
-    else:  # a substitution prompt has no `#` or digit before its answer: nothing to blur
-      assert blurred == pytest.approx(plain, rel=1e-6)
 
 
 def test_numeric_twin_writes_each_key_as_its_number():

@@ -54,7 +54,7 @@ def _hf_generate(m, prompts, n, eos):
   ids, mask = _left_pad(prompts)
   with torch.no_grad():
     out = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=PAD,
-            eos_token_id=eos, output_scores=True, return_dict_in_generate=True)
+                     eos_token_id=eos, output_scores=True, return_dict_in_generate=True)
   new = out.sequences[:, ids.shape[1]:]
   lps = torch.stack(out.scores, 1).float().log_softmax(-1).gather(-1, new[..., None])[..., 0]
   toks, logps = [], []
@@ -119,7 +119,7 @@ def test_early_stop_pads_and_lengths(models):
   ids, mask = _left_pad(prompts)
   toks, lps, lengths = jax.jit(
     lambda p, t, v: decoding.generate_arrays(cfg, p, t, v, jax.random.key(0), max_new_tokens=10,
-                        eos_ids=(eos,), pad_id=PAD))(params, ids.numpy(), mask.numpy() > 0)
+                                             eos_ids=(eos,), pad_id=PAD))(params, ids.numpy(), mask.numpy() > 0)
   assert int(lengths[0]) == 1 and int(toks[0, 0]) == eos
   assert (np.asarray(toks[0, 1:]) == PAD).all() and (np.asarray(lps[0, 1:]) == 0).all()
   assert (np.asarray(lengths[1:]) >= 1).all()
@@ -205,7 +205,7 @@ def test_sampling_distribution(models):
   assert probs.max() < 0.5 and (probs > 0.01).sum() >= 10, "choose a flatter prompt for a meaningful test"
   n = 4096
   toks, lps = decoding.generate(model, [prompt] * n, max_new_tokens=1, temperature=t, eos_token_id=[], seed=3,
-                 return_logprobs=True)
+                                return_logprobs=True)
   samples = np.array([r[0] for r in toks])
   _assert_follows(samples, probs, "temperature")
   # Log-probs are of the raw (untempered) logits at the chosen token.
@@ -234,7 +234,7 @@ def test_top_p_restricts_to_nucleus(models):
   assert 3 <= size < len(probs) // 2
   assert n * pn[order[size - 1]] >= 10  # so every nucleus token shows up (miss chance < e^-10 each)
   toks = decoding.generate(model, [prompt] * n, max_new_tokens=1, temperature=t, top_p=top_p, eos_token_id=[],
-              seed=5)
+                           seed=5)
   seen = {r[0] for r in toks}
   assert seen <= nucleus
   assert seen == nucleus
@@ -255,7 +255,7 @@ def test_hooks_and_extra_pass_through(models):
   prompts = _prompts(6)
   scale = jnp.linspace(0.3, -1.5, model.config.num_layers)
   via_hooks = decoding.generate(model, prompts, max_new_tokens=6, eos_token_id=[], hooks=_ScaleDown(),
-                 extra={"scale": scale})
+                                extra={"scale": scale})
   params = model.params()
   params["layers"]["down"] = params["layers"]["down"] * scale[:, None, None]
   assert via_hooks == decoding.generate(model, prompts, max_new_tokens=6, eos_token_id=[], params=params)
@@ -292,7 +292,7 @@ def test_unrolled_and_scanned_layer_loops_agree(models, kind):
   scale = jnp.linspace(0.5, -1.0, model.config.num_layers)
   for kw in ({}, dict(hooks=_ScaleDown(), extra={"scale": scale})):
     runs = [decoding.generate(model, prompts, max_new_tokens=9, eos_token_id=[], return_logprobs=True,
-                 layer_loop=loop, **kw) for loop in ("scan", "unroll")]
+                              layer_loop=loop, **kw) for loop in ("scan", "unroll")]
     assert runs[0][0] == runs[1][0]
     for a, b in zip(runs[0][1], runs[1][1]):
       np.testing.assert_allclose(a, b, atol=1e-5)
@@ -302,7 +302,7 @@ def test_unrolled_and_scanned_layer_loops_agree(models, kind):
 
 def test_bad_input():
   cfg = DecoderConfig.make(vocab_size=11, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-              num_attention_heads=2)
+                           num_attention_heads=2)
   model = Decoder(cfg)
   with pytest.raises(ValueError, match="at least one token"):
     decoding.generate(model, [[1, 2], []])

@@ -157,7 +157,7 @@ def test_direct_read_equals_the_memory_map(tmp_path):
   refuses (None) once the file system does. `in_page_cache` sees a file just read as resident."""
   rng = np.random.RandomState(1)
   arrays = {**_sample_arrays(rng), "big": rng.standard_normal((3001,)).astype(np.float32),
-       "odd": rng.randint(0, 255, (4099,)).astype(np.uint8), "tail": rng.standard_normal((3,)).astype(np.float16)}
+            "odd": rng.randint(0, 255, (4099,)).astype(np.uint8), "tail": rng.standard_normal((3,)).astype(np.float16)}
   with ShardedWriter(tmp_path, [(k, a.shape, a.dtype) for k, a in arrays.items()], direct=False) as w:
     for k, a in arrays.items():
       w.write(k, a)
@@ -184,7 +184,7 @@ def test_direct_runs_read_adjacent_tensors_as_the_memory_map_does(tmp_path):
   arrays = {f"t{i:02d}": rng.standard_normal((int(rng.randint(1, 1200)),)).astype(np.float32) for i in range(16)}
   sizes = {k: a.nbytes for k, a in arrays.items()}
   with ShardedWriter(tmp_path, [(k, a.shape, a.dtype) for k, a in arrays.items()], max_shard_size=20000,
-           direct=False) as w:
+                     direct=False) as w:
     for k, a in arrays.items():
       w.write(k, a)
   r = CheckpointReader(tmp_path)
@@ -260,7 +260,7 @@ def test_our_writer_read_by_safetensors(tmp_path):
 def test_safetensors_files_read_by_ours(tmp_path):
   arrays = _sample_arrays(np.random.RandomState(1))
   safetensors.numpy.save_file({k: a for k, a in arrays.items() if k != "bf16"}, tmp_path / "np.safetensors",
-                metadata={"who": "numpy"})
+                              metadata={"who": "numpy"})
   tensors = {k: torch.from_numpy(np.array(a)) for k, a in arrays.items() if k != "bf16"}
   tensors["bf16"] = torch.from_numpy(arrays["bf16"].view(np.int16)).view(torch.bfloat16)
   safetensors.torch.save_file(tensors, tmp_path / "pt.safetensors")
@@ -388,7 +388,7 @@ def sharded(saved, tmp_path):
 
 
 @pytest.mark.parametrize("content", ['{"weight_map": {"a": ', "[1, 2]", '{"metadata": {}}',
-                  '{"weight_map": ["model-00001-of-00002.safetensors"]}', "\xff\xfe"])
+                                     '{"weight_map": ["model-00001-of-00002.safetensors"]}', "\xff\xfe"])
 def test_corrupt_index(sharded, content):
   index = sharded / "model.safetensors.index.json"
   index.write_bytes(content.encode("latin-1"))

@@ -206,25 +206,28 @@ def test_dropout_only_with_rng(base):
 
 
 def test_training_changes_only_lora(tmp_path):
-  """calm_jax.train with trainable=["LoRAParam"]: base bit-identical, factors move, loss drops,
+  """calm_jax.train with trainable=LoRAParam: base bit-identical, factors move, loss drops,
   optimizer state shaped like the factors only."""
   from calm_jax import sharding
   from calm_jax.experiment import build_decoder
-  from calm_jax.pretrain import lm_batch_loss, mixture_batches
-  from calm_jax.train import train
+  from calm_jax.tasks import mixture_batches, task_registry
+  from calm_jax.train import lm_batch_loss, train
+  from calm_jax.variables import LoRAParam
   from configs.pretrain import get_config
 
   tok = CharTokenizer()
   c = get_config("tiny")
-  c.steps, c.log_every, c.checkpoint.every, c.trainable = 8, 1, 8, ["LoRAParam"]
+  c.steps, c.log_every, c.checkpoint.every = 8, 1, 8
   c.optimizer.lr, c.optimizer.warmup_steps = 1e-2, 0
   dec = build_decoder(c.model, tok, 0)
   spec = L.LoRASpec.create(dec.config, "layers/(q|v|down)", rank=2, alpha=4)
   model = L.LoRAModel(dec, spec, seed=0)
   before = jax.tree.map(np.array, dec.params())
-  _, _, batch_fn = mixture_batches(c, tok)
+  _, _, batch_fn = mixture_batches(c.data.tasks, batch_size=c.batch_size, tokenizer=tok,
+                                   registry=task_registry(c.data.task_args))
   mesh = sharding.make_mesh([("data", 1), ("fsdp", 1), ("tensor", 1)], devices=jax.devices()[:1])
-  r = train(model, loss_fn=lm_batch_loss, batch_fn=batch_fn, config=c, workdir=tmp_path, mesh=mesh, quiet=True)
+  r = train(model, trainable=LoRAParam, loss_fn=lm_batch_loss, batch_fn=batch_fn, config=c, workdir=tmp_path,
+            mesh=mesh, quiet=True)
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(r.model.base.params())):
     np.testing.assert_array_equal(a, b)
   assert all(np.abs(np.asarray(f["b"])).max() > 0 for f in r.model.factors().values())

@@ -68,7 +68,7 @@ def run(trees, method, **kw):
 
 def tvs(base, fts):
   return [{k: (f[k].astype(np.float32) - base[k].astype(np.float32)).astype(np.float64) for k in base}
-      for f in fts]
+          for f in fts]
 
 
 def concat(tv, names):
@@ -193,7 +193,7 @@ def test_metagpt_special_cases(trees):
   tv = tvs(base, fts)[2]
   perm = np.random.default_rng(1).permutation
   equal = [{k: (base[k] + (v.ravel()[perm(v.size)].reshape(v.shape) if i else v)).astype(np.float32)
-       for k, v in tv.items()} for i in range(T)]
+            for k, v in tv.items()} for i in range(T)]
   merged, report = merging.merge(nest(base), [nest(e) for e in equal], "metagpt")
   np.testing.assert_allclose(report["lambdas"], [1 / 3] * 3, rtol=1e-6)
   assert_close(flat(merged), {k: np.mean([e[k] for e in equal], axis=0) for k in base})
@@ -276,7 +276,7 @@ def test_bf16_storage_cast_once(trees):
   for k in base:
     assert merged[k].dtype == ml_dtypes.bfloat16
     ref = (b16[k].astype(np.float32) + 0.5 * sum(f[k].astype(np.float32) - b16[k].astype(np.float32)
-                          for f in f16)).astype(ml_dtypes.bfloat16)
+                                                 for f in f16)).astype(ml_dtypes.bfloat16)
     diff = np.abs(merged[k].astype(np.float32) - ref.astype(np.float32))
     assert (diff <= np.abs(ref.astype(np.float32)) * 2 ** -7).all(), k  # at most one bf16 rounding step
 
@@ -341,7 +341,7 @@ def test_stream_metagpt_closed_form(zoo, tmp_path):
   ref_base = safetensors.numpy.load_file(base / "model.safetensors")
   ref_fts = [merge_zoo.read(f) for f in fts]
   sq = np.array([sum(float(np.sum((f[k].astype(np.float64) - ref_base[k]) ** 2)) for k in ref_base)
-         for f in ref_fts])
+                 for f in ref_fts])
   report = json.loads((out / "merge_report.json").read_text())
   np.testing.assert_allclose(report["lambdas"], sq / sq.sum(), rtol=1e-6)
   assert report["models"] == [str(f) for f in fts]
@@ -389,11 +389,11 @@ def nan_in(t):
 
 BAD = {
   "architecture": (lambda t: None, lambda c: c.update(model_type="mistral"),
-          r"architecture mismatch: .*bad/config.json has model_type='mistral'"),
+                   r"architecture mismatch: .*bad/config.json has model_type='mistral'"),
   "missing": (lambda t: t.pop("model.layers.0.self_attn.v_proj.weight"), None,
-        r"missing tensor model.layers.0.self_attn.v_proj.weight in model 1 \(.*bad\)"),
+              r"missing tensor model.layers.0.self_attn.v_proj.weight in model 1 \(.*bad\)"),
   "shape": (lambda t: t.update({"model.layers.1.mlp.up_proj.weight": np.zeros((64, 16), np.float32)}), None,
-       r"shape mismatch: tensor model.layers.1.mlp.up_proj.weight in .*bad/model-\d+-of-\d+.safetensors"),
+            r"shape mismatch: tensor model.layers.1.mlp.up_proj.weight in .*bad/model-\d+-of-\d+.safetensors"),
   "nan": (nan_in, None, r"NaN or Inf in tensor model.layers.1.mlp.down_proj.weight in .*bad/model-\d+-of-\d+"),
   "extra": (lambda t: t.update(extra=np.zeros(3, np.float32)), None, r"unexpected tensor extra in .*bad/"),
 }
@@ -427,7 +427,7 @@ def test_stream_vocab_policy(zoo, tmp_path):
   base, fts = zoo
   rng = np.random.default_rng(0)
   grow = lambda t: t.update({n: np.concatenate([t[n], rng.normal(size=(2, 32)).astype(np.float32)])
-               for n in ("model.embed_tokens.weight", "lm_head.weight")})
+                             for n in ("model.embed_tokens.weight", "lm_head.weight")})
   big = bad_model(zoo, tmp_path, grow, lambda c: c.update(vocab_size=66))
   trunc = merging.merge_checkpoints(base, [fts[0], big], tmp_path / "t", "task_arithmetic", progress=False)
   ref = merging.merge_checkpoints(base, [fts[0], fts[1]], tmp_path / "r", "task_arithmetic", progress=False)
@@ -438,7 +438,7 @@ def test_stream_vocab_policy(zoo, tmp_path):
   assert report["vocab"]["lm_head.weight"] == {"base_shape": [64, 32], "model_shapes": [[64, 32], [66, 32]],
                         "policy": "truncate"}
   excl = merging.merge_checkpoints(base, [fts[0], big], tmp_path / "e", "task_arithmetic", vocab_policy="exclude",
-                  progress=False)
+                                   progress=False)
   e, base_t = merge_zoo.read(excl), merge_zoo.read(base)
   np.testing.assert_array_equal(e["lm_head.weight"], base_t["lm_head.weight"])
   np.testing.assert_array_equal(e["model.norm.weight"], b["model.norm.weight"])
@@ -451,7 +451,7 @@ def test_stream_sigkill_leaves_no_output(zoo, tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   proc = subprocess.Popen(
     [sys.executable, "-m", "launch.merge", "--config=configs/merge/metagpt.py", f"--config.base={base}",
-    f"--config.models={','.join(map(str, fts))}", f"--config.out={out}", "--config.max_shard_size=2KB"],
+     f"--config.models={','.join(map(str, fts))}", f"--config.out={out}", "--config.max_shard_size=2KB"],
     cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   deadline, killed = time.time() + 60, False
   while time.time() < deadline and proc.poll() is None:
@@ -488,12 +488,12 @@ def test_stream_pipeline_equals_serial(zoo, tmp_path, monkeypatch, case):
   monkeypatch.setattr(CheckpointSource, "prefetch", lambda self, i, n: fetched.extend(n) or prefetch(self, i, n))
   monkeypatch.setattr(SafetensorsFile, "in_page_cache", lambda self, n: False)
   monkeypatch.setattr(SafetensorsFile, "read_direct_run", lambda self, n: direct.append(read_run(self, n))
-            or direct[-1])
+                      or direct[-1])
   outs = {}
   for pipeline in (False, True):
     fetched.clear()
     outs[pipeline] = merging.merge_checkpoints(base, fts, tmp_path / f"p{pipeline}", progress=False,
-                         max_shard_size="4KB", pipeline=pipeline, **PIPELINE_CASES[case])
+                                               max_shard_size="4KB", pipeline=pipeline, **PIPELINE_CASES[case])
     assert bool(fetched) == pipeline
   assert direct and (all(x is not None for x in direct) or all(x is None for x in direct))  # None: no O_DIRECT here
   assert direct[0] is None or any(len(x) > 1 for x in direct)  # adjacent tensors in one read
@@ -525,7 +525,7 @@ def test_stream_in_pieces_equals_whole_tensors(zoo, tmp_path, case):
           return kernel(*a, **kw)
         mp.setattr(engine.kernels, "tensor_stats" if name == "stats" else "merge_tensor", counted)
       outs[chunk] = merging.merge_checkpoints(base, fts, tmp_path / f"c{chunk}", progress=False, chunk=chunk,
-                          **opts)
+                                              **opts)
   split_merge = case != "dare"
   assert (calls[300]["merge"] > calls[None]["merge"] > 0) == split_merge, calls
   needs_stats = case in ("metagpt", "ties_global", "ties_mergekit")  # in pieces: statistics of the pieces
@@ -592,7 +592,7 @@ def test_prefetcher_stays_within_its_byte_budget():
   assert order == sorted(set(order)) and order[-1] == len(sizes) - 1 and 3 in order
   assert all(batch == list(range(batch[0], batch[-1] + 1)) for batch, _ in seen), seen
   assert all(j > pos and (j == pos + 1 or sum(sizes[pos + 1: j + 1]) <= 4)
-       for batch, pos in seen for j in batch), seen
+             for batch, pos in seen for j in batch), seen
   assert any(len(batch) >= 2 and batch[0] > pos + 1 for batch, pos in seen)  # small items: batched, ahead
   assert not merge_threads()
 

@@ -88,7 +88,7 @@ def merged(tmp_path_factory):
   def ours(name):
     opts = dict(CASES[name][0])
     out = merging.merge_checkpoints(base, fts, root / f"ours_{name}", opts.pop("method"), progress=False,
-                    max_shard_size="16KB", chunk=300, **opts)  # large tensors' path
+                                    max_shard_size="16KB", chunk=300, **opts)  # large tensors' path
     return out, json.loads((out / "merge_report.json").read_text())
 
   results = {"metagpt": ours("metagpt")}
@@ -100,16 +100,16 @@ def merged(tmp_path_factory):
     args += [str(cfg), str(root / f"mk_{name}")]
   metagpt_yml = root / "metagpt_ext.yml"
   metagpt_yml.write_text(yaml.safe_dump({"merge_method": "metagpt", "base_model": str(base), "dtype": "float32",
-                     "models": [{"model": str(base)}] + [{"model": str(f)} for f in fts]}))
+                                         "models": [{"model": str(base)}] + [{"model": str(f)} for f in fts]}))
   env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "JAX_PLATFORMS": "cpu"}
   procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-      for cmd in ([sys.executable, "-c", MERGEKIT_DRIVER, *args],
-            [sys.executable, "-m", "launch.merge", f"--mergekit_yaml={metagpt_yml}",
-             f"--out={root / 'cli_metagpt'}"])]
+           for cmd in ([sys.executable, "-c", MERGEKIT_DRIVER, *args],
+                       [sys.executable, "-m", "launch.merge", f"--mergekit_yaml={metagpt_yml}",
+                        f"--out={root / 'cli_metagpt'}"])]
   try:
     results.update({name: ours(name) for name in CASES if name != "metagpt"})
     from_yaml = {name: run_mergekit_yaml(root / f"{name}.yml", root / f"yaml_{name}", progress=False)
-          for name in CASES}
+                 for name in CASES}
     errors = [p.communicate(timeout=300)[1] for p in procs]
   finally:
     for p in procs:
@@ -157,8 +157,8 @@ def test_mergekit_yaml_input(merged, case):
 def test_mergekit_yaml_refuses_unsupported(tmp_path):
   base = {"merge_method": "ties", "base_model": "b", "models": [{"model": "m", "parameters": {"weight": 1.0}}]}
   for edit, pattern in [({"slices": []}, "unsupported mergekit key"), ({"merge_method": "slerp"}, "not supported"),
-             ({"models": [{"model": "m"}]}, "requires parameters.weight"),
-             ({"models": [{"model": "m", "parameters": {"weight": [0, 1]}}]}, "gradients")]:
+                        ({"models": [{"model": "m"}]}, "requires parameters.weight"),
+                        ({"models": [{"model": "m", "parameters": {"weight": [0, 1]}}]}, "gradients")]:
     with pytest.raises(merging.MergeError, match=pattern):
       from_mergekit({**base, **edit})
   assert from_mergekit({**base, "dtype": "bfloat16"})[3] == {

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from calm_jax import hf, lora as L
-from calm_jax.pretrain import task_registry
+from calm_jax.tasks import task_registry
 from calm_jax.registry import get_method
 from calm_jax.tokenizers import load_tokenizer
 from configs.moa.suite import get_config
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("fast_compile")
 def test_router_accuracy_on_suite_domains(tiny_base_dir, tmp_path):
   c = get_config()
   base_hf = Path(tiny_base_dir) / "hf"
-  tok, reg = load_tokenizer(base_hf), task_registry(c)
+  tok, reg = load_tokenizer(base_hf), task_registry(c.data.task_args)
   base = hf.load(base_hf)
   spec1 = L.LoRASpec.from_config(base.config, c.lora)
   domains = list(c.domains)
@@ -53,7 +53,7 @@ def test_suite_tiny_end_to_end(tiny_base_dir, tmp_path):
   # The oracle (label picks the stacked expert, gathered per example) = that expert merged into the
   # weights and decoded plainly.
   base = hf.load(Path(tiny_base_dir) / "hf")
-  tok, reg = load_tokenizer(Path(tiny_base_dir) / "hf"), task_registry(c)
+  tok, reg = load_tokenizer(Path(tiny_base_dir) / "hf"), task_registry(c.data.task_args)
   for d in c.domains:
     lora, spec, _ = L.load_adapter(tmp_path / "experts" / d / "adapter", base.params(), cfg=base.config)
     merged = L.LoRAModel(base, spec, lora=lora).merged()

@@ -153,8 +153,8 @@ ALLOWED_AXES = {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layer
 ])
 def test_every_param_has_logical_axes(kw):
   cfg = DecoderConfig.make(**{"vocab_size": 32, "hidden_size": 16, "intermediate_size": 24,
-                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                **kw})
+                              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                              **kw})
   model = Decoder(cfg, params=_random_params(cfg))
   seen = {}
   for path, node in nnx.iter_graph(model):
@@ -175,13 +175,13 @@ def _random_params(cfg, seed=0):
   # numpy, not init_params: eager jax.random would compile a kernel per parameter shape.
   rng = np.random.RandomState(seed)
   return nest({name: (0.1 * rng.standard_normal(spec.shape)).astype(np.float32)
-        for name, spec in param_specs(cfg).items()})
+               for name, spec in param_specs(cfg).items()})
 
 
 def _tiny(num_layers, **kw):
   # A shape no other test uses, so the jit cache starts cold whatever ran before.
   return DecoderConfig.make("llama", vocab_size=37, hidden_size=24, intermediate_size=40,
-               num_hidden_layers=num_layers, num_attention_heads=2, num_key_value_heads=1, **kw)
+                            num_hidden_layers=num_layers, num_attention_heads=2, num_key_value_heads=1, **kw)
 
 
 def test_layer_scan_traces_once(monkeypatch):
@@ -278,7 +278,7 @@ def test_window_configs_transformers_would_not_apply_are_refused():
   # transformers' Qwen2 forward fails on this one (sliding layers, window disabled).
   with pytest.raises(ConfigError, match="sliding_attention"):
     DecoderConfig.make("qwen2", **{**hf_zoo.BASE, "use_sliding_window": False, "sliding_window": 5,
-                   "layer_types": MIXED})
+                                   "layer_types": MIXED})
   llama = DecoderConfig.make("llama", **hf_zoo.BASE)
   with pytest.raises(ConfigError, match="llama"):
     llama.replace(layer_windows=(0, 5, 0))

@@ -19,10 +19,10 @@ from calm_jax.models import Decoder, DecoderConfig, flatten, forward, init_param
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
 TINY = DecoderConfig.make(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2)
+                          num_attention_heads=4, num_key_value_heads=2)
 # Every sharded dimension divisible by 8, so tensor=8 really splits heads / kv heads / mlp / vocab.
 WIDE = DecoderConfig.make(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-             num_attention_heads=8, num_key_value_heads=8, head_dim=8)
+                          num_attention_heads=8, num_key_value_heads=8, head_dim=8)
 
 MESHES = {
   "data8": [("data", -1), ("fsdp", 1), ("tensor", 1)],
@@ -59,8 +59,8 @@ def place(cfg, mesh):
 
 
 @pytest.mark.parametrize("cfg,mesh_name", [(TINY, "data8"), (TINY, "fsdp8"), (TINY, "2x2x2"),
-                     (TINY, "tensor8"), (WIDE, "tensor8")],
-            ids=["tiny-data8", "tiny-fsdp8", "tiny-2x2x2", "tiny-tensor8", "wide-tensor8"])
+                                           (TINY, "tensor8"), (WIDE, "tensor8")],
+                         ids=["tiny-data8", "tiny-fsdp8", "tiny-2x2x2", "tiny-tensor8", "wide-tensor8"])
 def test_sharded_forward_and_grad_match_one_device(cfg, mesh_name):
   mesh = S.make_mesh(MESHES[mesh_name])
   assert mesh.size == 8
@@ -179,20 +179,54 @@ def test_shardings_for_state_with_method_variables():
 
 
 def test_bad_mesh_configs_name_the_numbers():
-  with pytest.raises(S.ShardingError, match=r"multiply to 3, but there are 8 devices"):
+  with pytest.raises(S.ShardingError, match=r"multiply to 3, which does not divide the 8 devices"):
     S.make_mesh([("data", 3)])
   with pytest.raises(S.ShardingError, match=r"multiply to 3, which does not divide the 8 devices"):
     S.make_mesh([("data", -1), ("tensor", 3)])
   with pytest.raises(S.ShardingError, match=r"at most one mesh axis may have size -1"):
     S.make_mesh([("data", -1), ("fsdp", -1)])
-  with pytest.raises(S.ShardingError, match=r"multiply to 16, but there are 8 devices"):
+  with pytest.raises(S.ShardingError, match=r"multiply to 16, which does not divide the 8 devices"):
     S.make_mesh([("data", 4), ("tensor", 4)])
-  with pytest.raises(S.ShardingError, match=r"repeat"):
+  with pytest.raises(S.ShardingError, match=r"distinct"):
     S.make_mesh([("data", 2), ("data", 4)])
   with pytest.raises(S.ShardingError, match=r"positive or -1"):
     S.make_mesh([("data", 0), ("fsdp", -1)])
+  with pytest.raises(S.ShardingError, match=r"batch size 6 is not divisible by the fixed data-parallel axes"):
+    S.make_mesh([("data", -1), ("fsdp", 4)], batch_size=6)
   # An explicit device list is honoured.
   assert S.make_mesh([("data", -1)], devices=jax.devices()[:2]).size == 2
+
+
+@pytest.mark.parametrize("mesh_cfg,n,batch,want", [
+    # fixed 1 x 1 x 1 (a tiny model's config) on 8 devices: replicated on all of them
+    ([("data", 1), ("fsdp", 1), ("tensor", 1)], 8, None, {"data": 1, "fsdp": 1, "tensor": 1, "replica": 8}),
+    # the default: data takes the rest
+    ([("data", -1), ("fsdp", 1), ("tensor", 1)], 8, 16, {"data": 8, "fsdp": 1, "tensor": 1}),
+    ([("data", -1), ("fsdp", 1), ("tensor", 1)], 1, 16, {"data": 1, "fsdp": 1, "tensor": 1}),
+    # a batch of 6 on 8 devices: the largest data axis that divides it (2), the rest replicated
+    ([("data", -1), ("fsdp", 1), ("tensor", 1)], 8, 6, {"data": 2, "fsdp": 1, "tensor": 1, "replica": 4}),
+    ([("data", -1), ("tensor", 2)], 8, 6, {"data": 2, "tensor": 2, "replica": 2}),
+    # the rest axis is not a batch axis: the batch does not constrain it
+    ([("data", 2), ("tensor", -1)], 8, 6, {"data": 2, "tensor": 4}),
+    ([("data", 2)], 6, None, {"data": 2, "replica": 3}),
+])
+def test_mesh_policy_uses_every_device(mesh_cfg, n, batch, want):
+  names, sizes = S.mesh_shape(mesh_cfg, n, batch)
+  assert dict(zip(names, sizes)) == want
+  mesh = S.make_mesh(mesh_cfg, devices=jax.devices()[:n], batch_size=batch)
+  assert mesh.size == n and dict(zip(mesh.axis_names, mesh.axis_sizes)) == want
+  if batch:  # the batch lays out on it
+    x = S.shard_batch({"x": np.arange(batch * 3).reshape(batch, 3)}, mesh)["x"]
+    np.testing.assert_array_equal(np.asarray(x), np.arange(batch * 3).reshape(batch, 3))
+
+
+def test_replicated_mesh_computes_what_one_device_does():
+  # every parameter replicated over the replica axis: the same result as one device
+  params, batch = place(TINY, S.make_mesh([("data", 1), ("fsdp", 1), ("tensor", 1)]))
+  assert params["layers"]["q"].sharding.is_fully_replicated and len(params["layers"]["q"].sharding.device_set) == 8
+  one = forward(TINY, jax.device_get(params), np.asarray(batch["tokens"]))[0]
+  got = forward(TINY, params, batch["tokens"])[0]
+  np.testing.assert_allclose(np.asarray(got), np.asarray(one), atol=1e-5)
 
 
 def test_bad_batch_and_unknown_logical_axis():

@@ -360,7 +360,7 @@ def test_expert_training_updates_only_z(char_base_dir, tmp_path, objective):
   c = get_config(f"task=addition,tiny,objective={objective}")
   c.base_workdir = str(char_base_dir)
   c.quiet = True
-  c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]  # the session's 8 fake devices: batch 8 split 8 ways
+  # the default mesh on the test session's 8 fake devices: batch 8 split 8 ways
   c.optimizer.clip_norm = 0.0 if objective == "ntp" else 1e-3
   c.optimizer.lr = 0.05  # big enough that z visibly moves in 4 steps
   res = run(c, tmp_path)

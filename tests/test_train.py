@@ -15,10 +15,9 @@ from flax import nnx
 
 from calm_jax import sharding
 from calm_jax.experiment import build_decoder
-from calm_jax.pretrain import lm_batch_loss, mixture_batches
+from calm_jax.tasks import mixture_batches, task_registry
 from calm_jax.tokenizers import CharTokenizer
-from calm_jax.train import CheckpointMismatchError, NonFiniteError, train
-from calm_jax.train.losses import lm_loss
+from calm_jax.train import CheckpointMismatchError, NonFiniteError, lm_batch_loss, lm_loss, train
 from calm_jax.variables import LoRAParam
 from configs.pretrain import get_config
 
@@ -28,6 +27,11 @@ TOK = CharTokenizer()
 
 def one_device_mesh():
   return sharding.make_mesh([("data", 1), ("fsdp", 1), ("tensor", 1)], devices=jax.devices()[:1])
+
+
+def batches(c):
+  return mixture_batches(c.data.tasks, batch_size=c.batch_size, tokenizer=TOK, seed=c.seed,
+                         registry=task_registry(c.data.task_args))[2]
 
 
 def tiny_config(steps=6, **kw):
@@ -57,11 +61,12 @@ def bias_loss(model, batch, rng):
 
 
 def test_freezing_only_the_trainable_type_changes(tmp_path):
-  c = tiny_config(steps=5, trainable=["LoRAParam"])
+  c = tiny_config(steps=5)
   model = WithBias(build_decoder(c.model, TOK, 0))
   before = jax.tree.map(np.array, model.decoder.params())
-  _, _, batch_fn = mixture_batches(c, TOK)
-  r = train(model, loss_fn=bias_loss, batch_fn=batch_fn, config=c, workdir=tmp_path, mesh=one_device_mesh(),
+  batch_fn = batches(c)
+  r = train(model, trainable=LoRAParam, loss_fn=bias_loss, batch_fn=batch_fn, config=c, workdir=tmp_path,
+            mesh=one_device_mesh(),
             quiet=True)
   after = jax.tree.map(np.array, r.model.decoder.params())
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
@@ -84,8 +89,9 @@ def test_frozen_regex_keeps_matching_params(tmp_path):
   c = tiny_config(steps=3, frozen=["layers/.*"])
   model = build_decoder(c.model, TOK, 0)
   before = jax.tree.map(np.array, model.params())
-  _, _, batch_fn = mixture_batches(c, TOK)
-  r = train(model, loss_fn=lm_batch_loss, batch_fn=batch_fn, config=c, workdir=tmp_path, mesh=one_device_mesh(),
+  batch_fn = batches(c)
+  r = train(model, trainable=nnx.Param, loss_fn=lm_batch_loss, batch_fn=batch_fn, config=c, workdir=tmp_path,
+            mesh=one_device_mesh(),
             quiet=True)
   after = jax.tree.map(np.array, r.model.params())
   for name in before["layers"]:
@@ -95,11 +101,11 @@ def test_frozen_regex_keeps_matching_params(tmp_path):
 
 def test_sharded_step_matches_one_device(tmp_path):
   c = tiny_config(steps=3)
-  _, _, batch_fn = mixture_batches(c, TOK)
-  ref = train(build_decoder(c.model, TOK, 0), loss_fn=lm_batch_loss, batch_fn=batch_fn, config=c,
+  batch_fn = batches(c)
+  ref = train(build_decoder(c.model, TOK, 0), trainable=nnx.Param, loss_fn=lm_batch_loss, batch_fn=batch_fn, config=c,
               workdir=tmp_path / "one", mesh=one_device_mesh(), quiet=True)
   mesh = sharding.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)])
-  got = train(build_decoder(c.model, TOK, 0), loss_fn=lm_batch_loss, batch_fn=batch_fn, config=c,
+  got = train(build_decoder(c.model, TOK, 0), trainable=nnx.Param, loss_fn=lm_batch_loss, batch_fn=batch_fn, config=c,
               workdir=tmp_path / "eight", mesh=mesh, quiet=True)
   q = got.model.layers.q[...]
   assert len(q.sharding.device_set) == 8 and q.sharding.spec != jax.P()  # really sharded
@@ -110,22 +116,22 @@ def test_sharded_step_matches_one_device(tmp_path):
 
 def test_non_finite_loss_stops_with_clear_message(tmp_path):
   c = tiny_config(steps=3)
-  _, _, batch_fn = mixture_batches(c, TOK)
+  batch_fn = batches(c)
 
   def nan_loss(model, batch, rng):
     loss, m = lm_batch_loss(model, batch, rng)
     return loss * jnp.nan, m
 
   with pytest.raises(NonFiniteError, match="non-finite metrics at step 1"):
-    train(build_decoder(c.model, TOK, 0), loss_fn=nan_loss, batch_fn=batch_fn, config=c, workdir=tmp_path,
-          mesh=one_device_mesh(), quiet=True)
+    train(build_decoder(c.model, TOK, 0), trainable=nnx.Param, loss_fn=nan_loss, batch_fn=batch_fn, config=c,
+          workdir=tmp_path, mesh=one_device_mesh(), quiet=True)
 
 
 def test_batch_not_divisible_by_data_axis(tmp_path):
   c = tiny_config(steps=2, batch_size=12)
   mesh = sharding.make_mesh([("data", 8), ("fsdp", 1), ("tensor", 1)])
   with pytest.raises(sharding.ShardingError, match="batch_size 12 is not divisible by the data-parallel size 8"):
-    train(build_decoder(c.model, TOK, 0), loss_fn=lm_batch_loss, batch_fn=lambda s: None, config=c,
+    train(build_decoder(c.model, TOK, 0), trainable=nnx.Param, loss_fn=lm_batch_loss, batch_fn=lambda s: None, config=c,
           workdir=tmp_path, mesh=mesh, quiet=True)
   assert not (tmp_path / "checkpoints").exists()
 

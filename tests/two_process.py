@@ -27,10 +27,10 @@ def run_two_processes(worker: Path, args, log_dir: Path, timeout_s: float = 120)
   for pid in range(2):
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid),
-         JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1", PYTHONPATH=str(ROOT))
+               JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1", PYTHONPATH=str(ROOT))
     log = open(Path(log_dir) / f"process{pid}.log", "w+")
     procs.append(subprocess.Popen([sys.executable, str(worker), *map(str, args)], env=env, cwd=ROOT,
-                   stdout=log, stderr=subprocess.STDOUT))
+                                  stdout=log, stderr=subprocess.STDOUT))
     logs.append(log)
   # If one process fails, the other would wait for it until JAX's own timeouts (minutes):
   # stop both as soon as either fails, or at the deadline.

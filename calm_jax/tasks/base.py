@@ -146,7 +146,7 @@ class Interleaved(Task):
       tag = self._tag(part.generate(rng)[0])
       if tag in self._by_tag:
         raise ValueError(f"interleaved task {name!r}: parts {self._by_tag[tag].name!r} and {part.name!r} "
-                f"share the prompt tag {tag!r}, so a prompt could not be traced to its part")
+                         f"share the prompt tag {tag!r}, so a prompt could not be traced to its part")
       self._by_tag[tag] = part
     self.memorization = any(p.memorization for p in self.parts)
     self.max_prompt_chars = max(p.max_prompt_chars for p in self.parts)
@@ -171,8 +171,8 @@ class Interleaved(Task):
     _check_split(name)
     k = len(self.parts)
     out = [Example(ex.prompt, ex.answer, self.name)
-       for i, part in enumerate(self.parts)
-       for ex in part.split(name, n // k + (i < n % k), seed=seed, unique=unique)]
+           for i, part in enumerate(self.parts)
+           for ex in part.split(name, n // k + (i < n % k), seed=seed, unique=unique)]
     order = np.random.default_rng([seed, zlib.crc32(self.name.encode()), SPLITS.index(name)]).permutation(len(out))
     return [out[i] for i in order]
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from calm_jax.tasks.base import SPLITS, Example, Task
 
-__all__ = ["Mixture", "encode_batch"]
+__all__ = ["Mixture", "encode_batch", "mixture_batches"]
 
 
 class Mixture:
@@ -156,3 +156,14 @@ def encode_batch(examples: Sequence[Example], tokenizer, seq_len: int) -> dict[s
     "length": length,
     "domain": domain,
   }
+
+
+def mixture_batches(tasks: Mapping[str, float], *, batch_size: int, tokenizer, seed: int = 0,
+                    registry: Mapping[str, Task] | None = None, seq_len: int = 0):
+  """`(mixture, seq_len, batch_fn)`: batch `step` of a `Mixture` of `tasks`, encoded to `seq_len`
+  (0: the longest example the tasks can produce), as the trainer's pure `batch_fn(step)`."""
+  from calm_jax.tasks import max_seq_len
+
+  mixture = Mixture(dict(tasks), seed=seed, registry=registry)
+  seq_len = int(seq_len) or max_seq_len(list(mixture.tasks.values()))
+  return mixture, seq_len, lambda step: mixture.batch(step, int(batch_size), tokenizer, seq_len)

@@ -9,7 +9,6 @@ follows the `=`.
 | addition       | `add:123+45=`       | `168`   |
 | subtraction    | `sub:123-45=`       | `78`    |
 | kv_lookup      | `kv:qzf=`           | `417`   |
-| kv_arithmetic  | `kva:qzf+abc=`      | `1021`  |
 | reverse        | `rev:abcd=`         | `dcba`  |
 | sort           | `sort:dbca=`        | `abcd`  |
 | copy           | `copy:abc=`         | `abc`   |
@@ -18,9 +17,8 @@ follows the `=`.
 | uppercase      | `up:abc=`           | `ABC`   |
 
 `kv_lookup` queries a fixed key->value map built from `map_seed`; the map is never in the
-prompt, so a model must memorise it (CALM's augmenting model). `kv_arithmetic` adds the
-values of two keys from the same map: the composition task (an anchor that can add plus an
-augmenting model that knows the map).
+prompt, so a model must memorise it. (CALM's key-value arithmetic has its own tasks and key
+table: `calm/kv_tasks.py`.)
 """
 
 from __future__ import annotations
@@ -36,7 +34,6 @@ __all__ = [
   "Subtraction",
   "KVMap",
   "KVLookup",
-  "KVArithmetic",
   "Reverse",
   "Sort",
   "Copy",
@@ -142,26 +139,6 @@ class KVLookup(Task):
   def generate(self, rng):
     key = self.kv.keys[int(rng.integers(0, self.n_keys))]
     return f"kv:{key}=", str(self.kv[key])
-
-
-class KVArithmetic(Task):
-  """`kva:k1+k2=` -> value(k1) + value(k2), over the same map as `kv_lookup` (same params).
-
-  Its splits are disjoint over key pairs: test pairs are never seen in training.
-  """
-
-  name = "kv_arithmetic"
-
-  def __init__(self, n_keys: int = 64, key_len: int = 3, max_value: int = 999, map_seed: int = 0):
-    self.n_keys, self.key_len, self.max_value, self.map_seed = n_keys, key_len, max_value, map_seed
-    self.kv = KVMap(n_keys, key_len, max_value, map_seed)
-    self.max_prompt_chars = len("kva:+=") + 2 * key_len
-    self.max_answer_chars = len(str(2 * max_value))
-
-  def generate(self, rng):
-    i, j = rng.integers(0, self.n_keys, size=2)
-    k1, k2 = self.kv.keys[int(i)], self.kv.keys[int(j)]
-    return f"kva:{k1}+{k2}=", str(self.kv[k1] + self.kv[k2])
 
 
 class _StringTask(Task):

@@ -11,3 +11,9 @@ def lm_loss(logits, targets, loss_mask):
   denom = jnp.maximum(mask.sum(), 1.0)
   acc = ((jnp.argmax(logits, -1) == targets) * mask).sum() / denom
   return (nll * mask).sum() / denom, {"token_accuracy": acc}
+
+
+def lm_batch_loss(model, batch, rng):
+  """`lm_loss` of a model called on a right-padded batch (`tasks.encode_batch`'s arrays)."""
+  logits = model(batch["inputs"], batch["attention_mask"])
+  return lm_loss(logits, batch["targets"], batch["loss_mask"])

@@ -9,15 +9,15 @@ import optax
 
 def schedule(cfg, total_steps: int):
   """Learning-rate schedule: constant, cosine or linear decay after a linear warmup."""
-  warm = int(cfg.get("warmup_steps", 0))
+  warm = int(cfg.warmup_steps)
   lr = float(cfg.lr)
-  kind = cfg.get("schedule", "constant")
+  kind = cfg.schedule
   if kind == "constant":
     main = optax.constant_schedule(lr)
   elif kind == "cosine":
-    main = optax.cosine_decay_schedule(lr, max(total_steps - warm, 1), alpha=float(cfg.get("final_lr_fraction", 0.0)))
+    main = optax.cosine_decay_schedule(lr, max(total_steps - warm, 1), alpha=float(cfg.final_lr_fraction))
   elif kind == "linear":
-    main = optax.linear_schedule(lr, lr * float(cfg.get("final_lr_fraction", 0.0)), max(total_steps - warm, 1))
+    main = optax.linear_schedule(lr, lr * float(cfg.final_lr_fraction), max(total_steps - warm, 1))
   else:
     raise ValueError(f"unknown schedule {kind!r}: constant, cosine or linear")
   if warm:
@@ -36,22 +36,22 @@ def path_mask(tree, exclude_regexes):
 
 
 def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
-  """cfg: name (adam|adamw|sgd), lr, schedule, warmup_steps, weight_decay, clip_norm, b1, b2, eps,
-  no_decay (regexes of parameter paths without weight decay)."""
+  """cfg (configs/common.py's optimizer block): name (adam|adamw|sgd), lr, schedule, warmup_steps,
+  final_lr_fraction, weight_decay, no_decay (regexes of parameter paths without weight decay),
+  clip_norm (0: none), b1, b2, eps, momentum (sgd)."""
   sched = schedule(cfg, total_steps)
-  name = cfg.get("name", "adamw")
+  name = cfg.name
   parts = []
-  if cfg.get("clip_norm"):
+  if cfg.clip_norm:
     parts.append(optax.clip_by_global_norm(float(cfg.clip_norm)))
   if name in ("adam", "adamw"):
-    parts.append(optax.scale_by_adam(b1=float(cfg.get("b1", 0.9)), b2=float(cfg.get("b2", 0.999)),
-                                     eps=float(cfg.get("eps", 1e-8))))
-    wd = float(cfg.get("weight_decay", 0.0)) if name == "adamw" else 0.0
+    parts.append(optax.scale_by_adam(b1=float(cfg.b1), b2=float(cfg.b2), eps=float(cfg.eps)))
+    wd = float(cfg.weight_decay) if name == "adamw" else 0.0
     if wd:
-      no_decay = list(cfg.get("no_decay", [".*norm.*", ".*bias.*"]))
+      no_decay = list(cfg.no_decay)
       parts.append(optax.add_decayed_weights(wd, mask=lambda p: path_mask(p, no_decay)))
   elif name == "sgd":
-    if cfg.get("momentum"):
+    if cfg.momentum:
       parts.append(optax.trace(decay=float(cfg.momentum)))
   else:
     raise ValueError(f"unknown optimizer {name!r}: adam, adamw or sgd")

@@ -1,12 +1,13 @@
 """The one training loop every method uses.
 
-A method hands over an NNX model, a loss `loss_fn(model, batch, rng) -> (loss, metrics)` and a
-deterministic `batch_fn(step) -> numpy batch`. The trainer splits the model into the
-trainable state (the Variable types named in `config.trainable`, minus `config.frozen`
-regexes) and the frozen rest: gradients and optimizer state exist only for the former, the
-latter travels through the jitted step untouched. State is sharded on the config's mesh,
-checkpointed with orbax (trainable + optimizer + step; the data position is the step), and
-resumed from the workdir.
+A method hands over an NNX model, the Variable type(s) that train (`SVFParam`, `LoRAParam`, ...;
+`nnx.Param` for the base itself), a loss `loss_fn(model, batch, rng) -> (loss, metrics)` and a
+deterministic `batch_fn(step) -> numpy batch`. The trainer splits the model into the trainable
+state (those types, minus paths matching `config.frozen` regexes) and the frozen rest: gradients
+and optimizer state exist only for the former, the latter travels through the jitted step
+untouched. Every parameter must be one or the other on purpose (`check_coverage`). State is
+sharded on the config's mesh, checkpointed with orbax (trainable + optimizer + step; the data
+position is the step), and resumed from the workdir.
 """
 from __future__ import annotations
 
@@ -27,10 +28,8 @@ from tqdm.auto import tqdm
 from calm_jax import sharding
 from calm_jax.fingerprint import structure_fingerprint
 from calm_jax.train.checkpoint import Checkpointer
-from calm_jax.train.losses import lm_loss  # noqa: F401  (re-exported)
 from calm_jax.train.metrics import MetricWriter, check_finite
 from calm_jax.train.optim import make_optimizer, schedule
-from calm_jax.variables import variable_type
 
 
 @dataclasses.dataclass
@@ -47,18 +46,56 @@ def path_name(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
-def trainable_filter(trainable_types, frozen_regexes=()):
-  """NNX filter: exact Variable type in `trainable_types`, path matching no frozen regex."""
-  types = tuple(variable_type(t) if isinstance(t, str) else t for t in trainable_types)
+class CoverageError(ValueError):
+  """A parameter that is neither trainable nor frozen on purpose, or a frozen regex that freezes nothing."""
+
+
+def _types(types) -> tuple[type, ...]:
+  types = types if isinstance(types, (tuple, list)) else (types,)
+  bad = [t for t in types if not (isinstance(t, type) and issubclass(t, nnx.Variable))]
+  if bad:
+    raise TypeError(f"trainable / frozen take nnx.Variable types (e.g. calm_jax.variables.LoRAParam), got {bad}")
+  return tuple(types)
+
+
+def trainable_filter(trainable, frozen_regexes=()):
+  """NNX filter: exact Variable type in `trainable` (a type or tuple), path matching no frozen regex."""
+  types = _types(trainable)
   pats = [re.compile(r) for r in frozen_regexes]
 
   def filt(path, var):
-    if type(var) not in types:
-      return False
-    name = path_name(path)
-    return not any(p.fullmatch(name) for p in pats)
+    return type(var) in types and not any(p.fullmatch(path_name(path)) for p in pats)
 
   return filt
+
+
+def check_coverage(model, trainable, frozen=(), frozen_regexes=()) -> None:
+  """Every parameter either trains or is frozen on purpose, and every frozen regex freezes something.
+
+  Trainable: exact type in `trainable`, path matching no regex of `frozen_regexes`. Frozen on
+  purpose: the base (`nnx.Param` itself, unless it is what trains), a type in `frozen`, or a path a
+  regex matches. Anything else, e.g. a method's parameter type the caller forgot, is an error naming
+  it, as is a regex that matches no trainable-typed parameter (a typo freezes nothing otherwise).
+  """
+  types, frozen_types = _types(trainable), (nnx.Param,) + _types(frozen)
+  pats = [(r, re.compile(r)) for r in frozen_regexes]
+  used, neither, names = set(), [], []
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    name = path_name(path)
+    kind = type(var)
+    if kind in types:
+      names.append(name)
+      used.update(r for r, p in pats if p.fullmatch(name))
+    elif kind not in frozen_types and not any(p.fullmatch(name) for _, p in pats):
+      neither.append(f"{name} ({kind.__name__})")
+  if neither:
+    shown = ", ".join(neither[:8]) + (f", ... {len(neither) - 8} more" if len(neither) > 8 else "")
+    raise CoverageError(f"parameters neither trainable ({', '.join(t.__name__ for t in types)}) nor frozen: {shown}; "
+                        "pass their type to train(trainable=...) or train(frozen=...)")
+  unused = [r for r, _ in pats if r not in used]
+  if unused:
+    raise CoverageError(f"config.frozen regexes {unused} match no trainable parameter; trainable parameters: "
+                        f"{', '.join(names[:12])}{' ...' if len(names) > 12 else ''}")
 
 
 def config_to_json(config) -> str:
@@ -71,29 +108,31 @@ def config_to_json(config) -> str:
 def split_trainable(model, filt):
   graphdef, trainable, frozen = nnx.split(model, filt, ...)
   if not jax.tree.leaves(trainable):
-    raise ValueError("no trainable parameters: config.trainable / config.frozen select nothing in this model")
+    raise CoverageError("no trainable parameters: the trainable types / config.frozen select nothing in this model")
   return graphdef, trainable, frozen
 
 
-def train(model: nnx.Module, *, loss_fn: Callable, batch_fn: Callable[[int], dict], config, workdir,
-          eval_fn: Callable[[nnx.Module, int], dict] | None = None, meta: dict | None = None,
+def train(model: nnx.Module, *, trainable, loss_fn: Callable, batch_fn: Callable[[int], dict], config, workdir,
+          frozen=(), eval_fn: Callable[[nnx.Module, int], dict] | None = None, meta: dict | None = None,
           mesh=None, quiet: bool = False) -> TrainResult:
-  """Trains `model` for `config.steps` steps; resumes from `workdir/checkpoints` if present.
+  """Trains the `trainable` Variable type(s) of `model` for `config.steps` steps; resumes from
+  `workdir/checkpoints` if present. `frozen`: other parameter types kept frozen on purpose (the
+  base's `nnx.Param` always is, unless it is what trains).
 
-  Config keys: steps, batch_size, seed, trainable (type names), frozen (regexes), optimizer
-  (see optim.make_optimizer), mesh, rules, log_every, eval_every, checkpoint.every,
-  checkpoint.keep, tensorboard.
+  Config keys: steps, batch_size, seed, frozen (regexes), optimizer (see optim.make_optimizer),
+  mesh (`sharding.mesh_shape`), rules, log_every, eval_every, checkpoint.every, checkpoint.keep,
+  tensorboard.
   """
   t0 = time.time()
   workdir = Path(workdir)
-  mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
-  rules = sharding.rules_from_config(config.get("rules", ()))
+  mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh, batch_size=int(config.batch_size))
+  rules = sharding.rules_from_config(config.rules)
   dp = sharding.data_parallel_size(mesh)
   if int(config.batch_size) % dp:
     raise sharding.ShardingError(f"batch_size {config.batch_size} is not divisible by the data-parallel size {dp} "
                                  f"(mesh {dict(zip(mesh.axis_names, mesh.axis_sizes))})")
-  filt = trainable_filter(config.get("trainable", ["Param"]), config.get("frozen", []))
-  graphdef, trainable, frozen = split_trainable(model, filt)
+  check_coverage(model, trainable, frozen, config.frozen)
+  graphdef, trainable, frozen = split_trainable(model, trainable_filter(trainable, config.frozen))
 
   meta = {**(meta or {}), "method": config.get("method", ""),
           "trainable": structure_fingerprint(nnx.to_pure_dict(trainable)),
@@ -131,7 +170,7 @@ def train(model: nnx.Module, *, loss_fn: Callable, batch_fn: Callable[[int], dic
     if not quiet:
       print(f"resumed from {ckpt.dir} at step {start}")
 
-  base_key = jax.random.key(int(config.get("seed", 0)))
+  base_key = jax.random.key(int(config.seed))
   batch_sh = sharding.batch_sharding(mesh)
 
   @functools.partial(jax.jit, donate_argnums=(0, 1), out_shardings=(t_sh, o_sh, None),
@@ -145,9 +184,9 @@ def train(model: nnx.Module, *, loss_fn: Callable, batch_fn: Callable[[int], dic
     trainable = optax.apply_updates(trainable, updates)
     return trainable, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
 
-  writer = MetricWriter(workdir, tensorboard=config.get("tensorboard", True))
-  log_every = int(config.get("log_every", 50))
-  eval_every = int(config.get("eval_every", 0))
+  writer = MetricWriter(workdir, tensorboard=config.tensorboard)
+  log_every = int(config.log_every)
+  eval_every = int(config.eval_every)
   metrics: dict[str, Any] = {}
   evals: dict[str, Any] = {}
   bar = tqdm(range(start, total), initial=start, total=total, desc=config.get("method", "train"),

@@ -44,12 +44,9 @@ def get_config(arg=None):
   c.method = "calm_kv_arithmetic"
   c.seed = 0
   c.ablation = arg.ablation
-  # N keys -> the distinct values 1..N; CALM trains on expressions over 20% of them. Format "fields":
-  # an operand is a head token (a key's own token, or `#` for a number) then digit slots (blank after a
-  # key); "tokens": one token per key and per number; "chars": letters and digits (kv_tasks.py).
-  # slot: the character in a key's digit slots ("_", or "0": a key reads as a zero-valued field).
-  c.kv = ml_collections.ConfigDict(dict(n_keys=200, key_len=3, held_in_fraction=0.2, operands=2, ops="+",
-                                        format="fields", slot="_"))
+  # N keys -> the distinct values 1..N; CALM trains on expressions over 20% of them. An operand is a
+  # head token (a key's own token, or `#` for a number) then digit slots, blank after a key (kv_tasks.py).
+  c.kv = ml_collections.ConfigDict(dict(n_keys=200, key_len=3, held_in_fraction=0.2, operands=2, ops="+"))
   # m_A small (KV-substitution), m_B larger (numeric arithmetic), as PaLM2-XXS / -XS in the paper.
   c.m_a = _part(2500, 64, 3e-3, _model(64, 4, 4, 2))
   c.m_a.method = "calm_kv_arithmetic/m_a"
@@ -61,14 +58,11 @@ def get_config(arg=None):
   c.m_a.data = ml_collections.ConfigDict(dict(kv_substitution=1.0, numeric_arithmetic=0.0))
   c.m_b = _part(5000, 64, 3e-3, _model(128, 4, 4, 2))  # its arithmetic "clicks" at ~3000 steps
   c.m_b.method = "calm_kv_arithmetic/m_b"
-  # > 0: in that fraction of m_B's rows its number fields are blurred toward noise (kv_arithmetic.noisy_field_loss).
-  c.m_b.field_noise = 0.0
   # True: the anchor's embedding rows of the key tokens (which it never sees) are zero, not random
   # (kv_arithmetic.zero_embeddings; the same as initialising them at zero).
   c.m_b.zero_key_embeddings = False
   c.calm = _part(2500, 64, 3e-3)
-  c.calm.method = "calm_kv_arithmetic/calm"
-  c.calm.trainable = ["ComposeParam", "LoRAParam"]  # whichever the model has (LoRA: the ablation)
+  c.calm.method = "calm_kv_arithmetic/calm"  # ComposeParam trains (LoRAParam in the LoRA ablation)
   # D_C over the held-in keys: KV-arithmetic (paper §3.2 / Fig. 1) plus KV-substitution (§4.1's wording),
   # plus the anchor's own numeric arithmetic so the composition learns to leave it alone (no keys in it).
   c.calm.data = ml_collections.ConfigDict(dict(tasks={"kv_arithmetic": 1.0, "kv_substitution": 0.25,
@@ -77,10 +71,8 @@ def get_config(arg=None):
   # Here every m_A layer feeds the anchor layer of the same depth (both have 4). cross_rope / cross_null
   # (compose.py; extensions, off in the library): rotary positions in the cross-attention and a null
   # slot; with them the composition reads each slot's digit at its own position (docs/calm.md).
-  # update_cap > 0 bounds each update softly to that multiple of the anchor state's scale (compose.py).
   c.calm.compose = ml_collections.ConfigDict(dict(augment_layers=(1, 2, 3, 4), anchor_layers=(1, 2, 3, 4),
-                                                  num_heads=0, cross_rope=True, cross_null=True,
-                                                  update_cap=0.0))
+                                                  num_heads=0, cross_rope=True, cross_null=True))
   # > 0: add that weight × a hidden-state match to the anchor's reading of each prompt's numeric twin
   # (kv_arithmetic.twin_loss; a training aid beyond the paper's loss, off = the paper's D_C objective).
   c.calm.twin_loss = 0.0
@@ -101,8 +93,9 @@ def get_config(arg=None):
     c.calm.compose.anchor_layers = (1,)
     c.eval.update(n_per_task=16, batch_size=64)
   if arg.objective == "twin":
-    # The default (docs/calm.md, "Session 6"): two additions to the paper's recipe, without which the
-    # composition stays at the floor on KV-arithmetic here (`:objective=paper` runs the paper's alone):
+    # The default (docs/calm.md, "The twin loss and zero key rows"): two additions to the paper's recipe,
+    # without which the composition stays at the floor on KV-arithmetic here (`:objective=paper` runs the
+    # paper's alone):
     # 1. m_A's last layer also feeds the anchor's embedding output (a connection at anchor layer 0), and
     #    D_C's loss adds the twin term: on KV-arithmetic and numeric rows, the composed anchor's output at
     #    every connected layer is pulled toward the anchor's own on the prompt's numeric twin

@@ -21,10 +21,10 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.method = "merge_suite"
   c.seed = 0
-  c.base_workdir = ""       # "" -> DIR/base
-  c.base_variant = ""       # configs/pretrain.py variant when the base has to be trained
+  c.base_workdir = ""       # "" -> DIR/base; the base is trained there with config.pretrain if missing
+  c.pretrain = pretrain_config()
   c.tasks = list(TASKS)
-  c.data = ml_collections.ConfigDict(dict(task_args=pretrain_config().data.task_args.to_dict()))
+  c.data = ml_collections.ConfigDict(dict(task_args=c.pretrain.data.task_args.to_dict()))
   ft = ml_collections.ConfigDict()
   add_common(ft, steps=300, batch_size=32)
   ft.optimizer.lr = 2e-3
@@ -33,7 +33,6 @@ def get_config(arg=None):
   ft.tensorboard = False
   ft.log_every = 50
   ft.checkpoint.every = 1000
-  ft.mesh = [("data", 1), ("fsdp", 1), ("tensor", 1)]  # one device: tiny models
   c.finetune = ft
   c.merge = ml_collections.ConfigDict(dict(
       lambdas=[round(0.1 * i, 1) for i in range(1, 11)],  # task arithmetic λ grid

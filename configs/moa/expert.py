@@ -9,6 +9,7 @@ import ml_collections
 
 from configs.common import parse_arg
 from configs.moa.common import TASK_ARGS, lora_block, lora_training
+from configs.pretrain import get_config as pretrain_config
 
 
 def get_config(arg=None):
@@ -16,7 +17,8 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.method = "moa_expert"
   c.seed = 0
-  c.base_workdir = "runs/demo/base"   # its hf/ is the base; trained there if missing
+  c.base_workdir = "runs/demo/base"   # the base is BASE/hf, trained there with config.pretrain if missing
+  c.pretrain = pretrain_config()
   c.domain = a.domain
   c.data = ml_collections.ConfigDict(dict(task_args={k: dict(v) for k, v in TASK_ARGS.items()}))
   c.lora = lora_block()

@@ -11,6 +11,7 @@ import ml_collections
 
 from configs.common import parse_arg
 from configs.moa.common import DOMAINS, TASK_ARGS, lora_block, lora_training
+from configs.pretrain import get_config as pretrain_config
 
 
 def get_config(arg=None):
@@ -18,7 +19,8 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.method = "moa_suite"
   c.seed = 0
-  c.base_workdir = "runs/demo/base"
+  c.base_workdir = "runs/demo/base"   # the base is BASE/hf, trained there with config.pretrain if missing
+  c.pretrain = pretrain_config()
   c.domains = list(DOMAINS)            # expert i = domains[i]
   c.data = ml_collections.ConfigDict(dict(task_args={k: dict(v) for k, v in TASK_ARGS.items()}))
   c.lora = lora_block()                # rank 8, alpha 16, all seven projections

@@ -36,7 +36,6 @@ def add_adapt(c, a):
   # and its echo's leading tag is the label. An instruction-following checkpoint takes a real
   # classification prompt with {prompt}. The classification expert sees the whole prompt.
   c.dispatch = ml_collections.ConfigDict(dict(template="copy:{head}=", head_chars=3, labels=dict(LABELS)))
-  c.classifier = ml_collections.ConfigDict(dict(template="cls:{prompt}="))
   # The paper's CEM: population 32, 6 elites, initial mean 1/K, spread 0.5, clamp [0, 1]; 10 few-shot prompts.
   c.cem = ml_collections.ConfigDict(dict(population=32, elites=6, init_std=0.5, iters=10, n_shots=10, seed=0))
   c.eval = ml_collections.ConfigDict(dict(n_per_task=500, split="test", batch_size=256))

@@ -28,8 +28,8 @@ def get_config(arg=None):
   c.eval_every = 10
   c.log_every = 10
   c.checkpoint.every = 50
-  # task=svf_classify trains the classification expert: {label: [tasks]} -> label of each templated prompt
-  c.classifier = ml_collections.ConfigDict(dict(sources={}, template="cls:{prompt}="))
+  c.quiet = False
+  # task=svf_classify trains the classification expert (config.classifier.sources: its labels)
   if a.task == "svf_classify":
     from configs.svf.adapt import LABELS, OTHER_TASKS
     c.classifier.sources = {**{label: [t] for label, t in LABELS.items()}, "other": list(OTHER_TASKS)}
