@@ -35,7 +35,8 @@ from jax.experimental import multihost_utils
 
 from calm_jax import malloc
 from calm_jax.atomic import atomic_dir, check_writable
-from calm_jax.safetensors_io import AUX_FILES, BackgroundWriter, CheckpointReader, ShardedWriter
+from calm_jax.safetensors_io import AUX_FILES, ShardedWriter
+from merging.direct_io import BackgroundWriter, DirectFile, StreamingReader
 from merging.engine import Merger, is_float
 from merging.options import MergeError, resolve_checked
 
@@ -52,20 +53,20 @@ class CheckpointSource:
   """`engine.Source` over HF directories (model -1 is the base).
 
   With `direct` (the default) read threads read each upcoming tensor that is not in the page
-  cache already past it (`SafetensorsFile.read_direct_run`), into memory that `get` then hands
+  cache already past it (`StreamingReader.read_direct_run`), into memory that `get` then hands
   out, at most one largest tensor's inputs ahead (that memory counts in RSS); `get` waits for a read in
   flight. Cold inputs of the 0.48B benchmark: 4.3-4.5 s to read this way, 6.9-8.1 s through the page
   cache. A tensor not read ahead (the first, one the merge reached first, one in the page cache)
   comes from the memory map, and where the file system refuses O_DIRECT the read-ahead only asks
   the OS to fill the page cache. Reads are large and concurrent: tensors stored one after the other
-  are read in one request (`CheckpointReader.runs`), in `io_threads` threads (one file per model
+  are read in one request (`StreamingReader.runs`), in `io_threads` threads (one file per model
   at once). On the benchmark VM's disk four concurrent 64 MB direct reads moved 1.6-2.2 GB/s, one
   at a time 0.9-1.6 GB/s, four concurrent 8 MB ones 0.9-1.0 GB/s. Call `close` when done.
   """
 
   def __init__(self, base_dir, model_dirs: Sequence, direct: bool = True, io_threads: int = IO_THREADS):
     self.dirs = [Path(d) for d in model_dirs] + [Path(base_dir)]  # index -1 is the base
-    self.readers = [CheckpointReader(d) for d in self.dirs]
+    self.readers = [StreamingReader(d) for d in self.dirs]
     self.num_models = len(model_dirs)
     self.direct = direct
     self._read: dict = {}  # (model, name) -> array read ahead, _READING, or _CONSUMED (served from the map)
@@ -251,7 +252,8 @@ def merge_checkpoints(base, models: Sequence, out, method: str = "metagpt", *, o
       (tmp / "config.json").write_text(json.dumps(base_cfg, indent=2))
       # to_host (a collective on several hosts) stays in this thread, in plan order; the writer
       # thread gets host memory, and frees a kept tensor's mapped pages once it is written.
-      with ShardedWriter(tmp, specs, max_shard_size, metadata={"merge_method": method}) as writer, \
+      with ShardedWriter(tmp, specs, max_shard_size, metadata={"merge_method": method},
+                         open_file=DirectFile) as writer, \
           BackgroundWriter(writer, threaded=pipeline) as background:
         for p, tensor in merger.merged():
           background.write(p.name, to_host(tensor).reshape(p.shape), then=functools.partial(merger.done, p))

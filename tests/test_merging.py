@@ -480,14 +480,14 @@ PIPELINE_CASES = {
 def test_stream_pipeline_equals_serial(zoo, tmp_path, monkeypatch, case):
   """Read-ahead (direct reads into memory here: the page cache is said to be cold) + write-behind
   give the serial merge's files (memory maps only) byte for byte, and the same report."""
-  from calm_jax.safetensors_io import SafetensorsFile
+  from merging.direct_io import StreamingReader
   from merging.stream import CheckpointSource
   base, fts = zoo
   fetched, direct = [], []
-  prefetch, read_run = CheckpointSource.prefetch, SafetensorsFile.read_direct_run
+  prefetch, read_run = CheckpointSource.prefetch, StreamingReader.read_direct_run
   monkeypatch.setattr(CheckpointSource, "prefetch", lambda self, i, n: fetched.extend(n) or prefetch(self, i, n))
-  monkeypatch.setattr(SafetensorsFile, "in_page_cache", lambda self, n: False)
-  monkeypatch.setattr(SafetensorsFile, "read_direct_run", lambda self, n: direct.append(read_run(self, n))
+  monkeypatch.setattr(StreamingReader, "in_page_cache", lambda self, n: False)
+  monkeypatch.setattr(StreamingReader, "read_direct_run", lambda self, n: direct.append(read_run(self, n))
                       or direct[-1])
   outs = {}
   for pipeline in (False, True):
