@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo venv bench clean
+.PHONY: test test-fast demo venv bench clean
 
 $(STAMP): setup.py
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -19,6 +19,10 @@ venv: $(STAMP)
 # Two workers (CI has 2 cores); tests/conftest.py makes each test file one unit of work.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 tests
+
+# The inner loop: everything but the tests marked slow (the trained tiny base, whole experiments).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 -m "not slow" tests
 
 demo: $(STAMP)
 	$(BIN)/python -m launch.demo --workdir=$(or $(WORKDIR),runs/demo)

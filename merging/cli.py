@@ -33,5 +33,5 @@ def run_config(c) -> Path:
     raise MergeError(f"set {', '.join('--config.' + k for k in missing)}")
   return merge_checkpoints(c.base, _list(c.models, "models"), c.out, c.method, overwrite=c.overwrite,
                            max_shard_size=c.max_shard_size, progress=c.progress, mesh=c.mesh or None,
-                           low_memory=c.get("low_memory"), chunk=CHUNK if c.get("chunk") is None else c.chunk or None,
+                           low_memory=c.low_memory, chunk=CHUNK if c.chunk is None else c.chunk or None,
                            **options_from_config(c))

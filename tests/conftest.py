@@ -96,17 +96,30 @@ def zoo_saved(tmp_path_factory):
   return get
 
 
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: minutes of work (trains the tiny base or runs whole experiments); "
+                          "`make test-fast` leaves these out, `make test` runs them")
+
+
+def pytest_collection_modifyitems(config, items):
+  """Every test that needs the trained tiny base (minutes to train) is slow."""
+  for item in items:
+    if "tiny_base_dir" in getattr(item, "fixturenames", ()):
+      item.add_marker(pytest.mark.slow)
+
+
 def pytest_xdist_make_scheduler(config, log):
   """Work units for `pytest -n 2` (`make test`): one test file per unit, so a file's module
   fixtures are built once per session. The files that use the trained tiny base (`tiny_base_dir`,
-  ~2 min to train) share one unit, started first, so one worker trains it once. (xdist's own
-  `loadgroup` marks do not reach its scheduler under pytest 9.)"""
+  ~5 min to train) share one unit; it and the other long units are started first, one per worker.
+  (xdist's own `loadgroup` marks do not reach its scheduler under pytest 9.)"""
   from pathlib import Path
 
   from xdist.scheduler import LoadScopeScheduling
 
   here = Path(__file__).parent
   shared = {p.name for p in here.glob("test_*.py") if "tiny_base_dir" in p.read_text()}
+  first = ("tiny_base", "test_multidevice.py")  # the longest units
 
   class ByFile(LoadScopeScheduling):
     def _split_scope(self, nodeid):
@@ -114,8 +127,8 @@ def pytest_xdist_make_scheduler(config, log):
       return "tiny_base" if Path(file).name in shared else file
 
     def _assign_work_unit(self, node):
-      if "tiny_base" in self.workqueue:  # the longest unit: start it first
-        self.workqueue.move_to_end("tiny_base", last=False)
+      for unit in reversed([u for u in self.workqueue if u.endswith(first)]):
+        self.workqueue.move_to_end(unit, last=False)
       super()._assign_work_unit(node)
 
   return ByFile(config, log)
