@@ -21,30 +21,27 @@ CALM-pytorch under glibc's defaults. Each side's figure is the faster of its two
 matmul FLOPs (`step_flops`, from the shapes) and both sides' GFLOP/s beside the machine's fp32
 matmul rate, so a compute-bound size shows as such.
 
-Appends a section to docs/benchmarks.md and prints one JSON object as the last line.
+Adds the run to docs/benchmarks.md (its section, and its row of the summary table; `common.write_run`)
+and prints one JSON object of the headline figures as the last line.
 Run: `.venv/bin/python benchmarks/calm.py [--sweep]` (`--small` for a quick smoke run).
 """
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import common
+
+TITLE = "CALM training step vs CALM-pytorch"
+SMALL = dict(anchor_dim=64, anchor_layers=4, anchor_heads=4, aug_dim=32, aug_layers=4, aug_heads=2, vocab=128, batch=4,
+             seq=32, steps=2, runs=2)
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = common.parser(__doc__, runs=5)
   ap.add_argument("--anchor-dim", type=int, default=512)
   ap.add_argument("--anchor-layers", type=int, default=8)
   ap.add_argument("--anchor-heads", type=int, default=8)
@@ -55,32 +52,23 @@ def main(argv=None):
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--seq", type=int, default=128)
   ap.add_argument("--steps", type=int, default=5, help="steps per timed block")
-  ap.add_argument("--runs", type=int, default=5)
-  ap.add_argument("--small", action="store_true", help="tiny sizes, a smoke run (nothing written)")
   ap.add_argument("--sweep", action="store_true",
                   help="also run the SWEEP sizes (smaller models, a longer sequence): one row each")
-  ap.add_argument("--no-write", action="store_true", help="do not append to docs/benchmarks.md")
-  ap.add_argument("--alone", choices=("ours", "theirs"), help=argparse.SUPPRESS)  # one side alone, JSON out
-  args = ap.parse_args(argv)
-  if args.small:
-    args.anchor_dim, args.anchor_layers, args.anchor_heads = 64, 4, 4
-    args.aug_dim, args.aug_layers, args.aug_heads = 32, 4, 2
-    args.vocab, args.batch, args.seq, args.steps, args.runs = 128, 4, 32, 2, 2
+  common.add_alone(ap, ("ours", "theirs"))
+  args = common.parse(ap, argv, small=SMALL)
 
   import jax
-  import torch
 
-  ncpu = os.cpu_count()
-  torch.set_num_threads(ncpu)
-  load_before = os.getloadavg()[0]
+  machine = common.Machine("jax", "torch", "CALM-pytorch")
+  machine.torch_all_cores()
   sizes = [args] + ([argparse.Namespace(**{**vars(args), **s}) for s in SWEEP] if args.sweep else [])
   if args.alone:
-    print(json.dumps([_measure_alone(a, args.alone) for a in sizes]))
+    common.report(args, [_measure_alone(a, args.alone) for a in sizes])
     return
   peaks = _matmul_peaks()
   rows = [_measure(a) for a in sizes]
   _each_side_alone(rows)
-  load = (load_before, os.getloadavg()[0])
+  machine.done()
   main_row = rows[0]
   result = {"steps_per_s_ours": round(1 / main_row["ours"], 3),
             "steps_per_s_calm_pytorch": round(1 / main_row["theirs"], 3),
@@ -93,11 +81,9 @@ def main(argv=None):
     peak = _peak_flops(dev)
     if peak:
       result["mfu_ours"] = round(main_row["flops"] / main_row["ours"] / peak, 4)
-  print(f"fp32 matmul peak (1024x512 @ 512x2048): XLA {peaks[0]:.0f} GFLOP/s, torch {peaks[1]:.0f} GFLOP/s; "
-        f"1-min load average before/after: {load[0]:.1f} / {load[1]:.1f}")
-  if not args.no_write and not args.small:
-    _append(result, rows, ncpu, load, peaks)
-  print(json.dumps(result))
+  print(f"fp32 matmul peak (1024x512 @ 512x2048): XLA {peaks[0]:.0f} GFLOP/s, torch {peaks[1]:.0f} GFLOP/s")
+  machine.print_load()
+  common.report(args, result, lambda: _write(result, rows, machine, peaks))
 
 
 # Further sizes for --sweep (overrides of the defaults): smaller models, where per-operation overhead
@@ -154,57 +140,45 @@ def _each_side_alone(rows) -> None:
   from calm_jax.malloc import TUNED
   base = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"} | {"CALM_JAX_NO_REEXEC": "1"}
   for side, env in (("ours", base | {"GLIBC_TUNABLES": TUNED}), ("theirs", base)):
-    proc = subprocess.run([sys.executable, sys.argv[0], *sys.argv[1:], f"--alone={side}"], env=env,
-                          capture_output=True, text=True, check=True)
-    for row, t in zip(rows, json.loads(proc.stdout.strip().splitlines()[-1])):
+    for row, t in zip(rows, common.run_alone(side, env)):
       row[f"{side}_shared"], row[f"{side}_alone"] = row[side], t
       row[side] = min(row[side], t)
   for row in rows:
     print(f"  alone in its own process: ours {row['ours_alone'] * 1e3:.1f} ms/step, CALM-pytorch (glibc defaults) "
-          f"{row['theirs_alone'] * 1e3:.1f}; speedup, the faster figure of each side: {row['theirs'] / row['ours']:.2f}x")
+          f"{row['theirs_alone'] * 1e3:.1f}; speedup, the faster figure of each side: "
+          f"{row['theirs'] / row['ours']:.2f}x")
+
+
+def _time_sides(args, sides) -> tuple[dict, dict]:
+  """Builds the sides at one size on the same token batch and times them alternately in blocks of
+  args.steps, after two warm-up blocks each (compiled, the allocator's heap grown to its steady size).
+  Returns ({side: seconds per step of each block}, {side: (run, #trainable, compile s)})."""
+  rng = np.random.default_rng(0)
+  seq = rng.integers(1, args.vocab, (args.batch, args.seq + 1)).astype(np.int64)
+  built = {side: (_ours if side == "ours" else _theirs)(args, seq) for side in sides}
+  blocks = {side: lambda run=built[side][0]: run(args.steps) for side in sides}
+  return common.alternate(blocks, args.runs, warmup=2, per=args.steps), built
 
 
 def _measure_alone(args, side: str) -> float:
-  """One side alone: median seconds per step over args.runs blocks, after two warm-up blocks."""
-  rng = np.random.default_rng(0)
-  seq = rng.integers(1, args.vocab, (args.batch, args.seq + 1)).astype(np.int64)
-  run = _ours(args, seq)[0] if side == "ours" else _theirs(args, seq)[0]
-  for _ in range(2):
-    run(args.steps)
-  times = []
-  for _ in range(args.runs):
-    t0 = time.perf_counter()
-    run(args.steps)
-    times.append((time.perf_counter() - t0) / args.steps)
-  return statistics.median(times)
+  """One side alone: median seconds per step over args.runs blocks."""
+  return common.medians(_time_sides(args, (side,))[0])[side]
 
 
 def _measure(args) -> dict:
-  """Both sides at one size, timed alternately in blocks of args.steps; medians over args.runs."""
-  rng = np.random.default_rng(0)
-  seq = rng.integers(1, args.vocab, (args.batch, args.seq + 1)).astype(np.int64)
-  ours, n_ours, compile_s = _ours(args, seq)
-  theirs, n_theirs = _theirs(args, seq)
-  for _ in range(2):  # warm-up: compiled, the allocator's heap grown to its steady size
-    ours(args.steps)
-    theirs(args.steps)
-  t_ours, t_theirs = [], []
-  for _ in range(args.runs):
-    t0 = time.perf_counter()
-    ours(args.steps)
-    t_ours.append((time.perf_counter() - t0) / args.steps)
-    t0 = time.perf_counter()
-    theirs(args.steps)
-    t_theirs.append((time.perf_counter() - t0) / args.steps)
-  row = dict(args=args, n_ours=n_ours, n_theirs=n_theirs, t_ours=t_ours, t_theirs=t_theirs,
-             ours=statistics.median(t_ours), theirs=statistics.median(t_theirs), compile_s=compile_s,
+  """Both sides at one size, timed alternately; medians over args.runs blocks."""
+  times, built = _time_sides(args, ("ours", "theirs"))
+  med = common.medians(times)
+  row = dict(args=args, n_ours=built["ours"][1], n_theirs=built["theirs"][1], t_ours=times["ours"],
+             t_theirs=times["theirs"], ours=med["ours"], theirs=med["theirs"], compile_s=built["ours"][2],
              flops=step_flops(args))
   print(f"anchor {args.anchor_dim}x{args.anchor_layers} ({args.anchor_heads} heads), augment {args.aug_dim}x"
         f"{args.aug_layers} ({args.aug_heads} heads), vocab {args.vocab}, batch {args.batch}, seq {args.seq}; "
-        f"trainable params ours {n_ours:,} / CALM-pytorch {n_theirs:,}; {row['flops'] / 1e9:.1f} GFLOP/step")
-  print(f"  ours: median {row['ours'] * 1e3:.1f} ms/step of {[round(t * 1e3, 1) for t in t_ours]} "
-        f"(compile {compile_s:.1f}s, {row['flops'] / row['ours'] / 1e9:.0f} GFLOP/s)")
-  print(f"  CALM-pytorch: median {row['theirs'] * 1e3:.1f} ms/step of {[round(t * 1e3, 1) for t in t_theirs]} "
+        f"trainable params ours {row['n_ours']:,} / CALM-pytorch {row['n_theirs']:,}; "
+        f"{row['flops'] / 1e9:.1f} GFLOP/step")
+  print(f"  ours: median {row['ours'] * 1e3:.1f} ms/step of {common.ms(times['ours'])} "
+        f"(compile {row['compile_s']:.1f}s, {row['flops'] / row['ours'] / 1e9:.0f} GFLOP/s)")
+  print(f"  CALM-pytorch: median {row['theirs'] * 1e3:.1f} ms/step of {common.ms(times['theirs'])} "
         f"({row['flops'] / row['theirs'] / 1e9:.0f} GFLOP/s); speedup {row['theirs'] / row['ours']:.2f}x", flush=True)
   return row
 
@@ -232,7 +206,8 @@ def _ours(args, seq):
 
   anchor_cfg, aug_cfg = cfg(args.anchor_dim, args.anchor_layers, args.anchor_heads), cfg(args.aug_dim, args.aug_layers,
                                                                                           args.aug_heads)
-  model = Composed(Decoder(anchor_cfg, params=init_params(anchor_cfg, 0)), [Decoder(aug_cfg, params=init_params(aug_cfg, 1))])
+  model = Composed(Decoder(anchor_cfg, params=init_params(anchor_cfg, 0)),
+                   [Decoder(aug_cfg, params=init_params(aug_cfg, 1))])
   graphdef, trainable, frozen = split_trainable(model, trainable_filter(ComposeParam))
   opt = add_common(ml_collections.ConfigDict(), steps=1000, batch_size=args.batch).optimizer
   opt.update(name="adamw", lr=1e-4, weight_decay=0.01, clip_norm=1.0, schedule="constant")
@@ -265,6 +240,7 @@ def _ours(args, seq):
 
 
 def _theirs(args, seq):
+  """CALM-pytorch's training step at the same sizes; returns (run(n), #trainable, 0: nothing compiles)."""
   import torch
   from CALM_pytorch import AugmentParams, CALM
   from x_transformers import Decoder as XDecoder
@@ -296,7 +272,7 @@ def _theirs(args, seq):
       opt.step()
       opt.zero_grad()
 
-  return run, sum(p.numel() for p in params)
+  return run, sum(p.numel() for p in params), 0.0
 
 
 def _peak_flops(dev) -> float | None:
@@ -307,47 +283,51 @@ def _peak_flops(dev) -> float | None:
   return None
 
 
-def _append(result, rows, ncpu, load, peaks):
-  import jax
-  import torch
+COLUMNS = ["anchor / m_A (width x layers)", "batch x seq", "trainable params ours / theirs", "GFLOP/step",
+           "ours ms/step, shared process (min)", "ours, alone", "CALM-pytorch ms/step, shared process (min)",
+           "CALM-pytorch, alone (glibc defaults)", "GFLOP/s ours / theirs (faster)",
+           "speedup, the faster figure of each side"]
 
+
+def _row_cells(r) -> list[str]:
+  """One size's cells under COLUMNS."""
+  x = r["args"]
+
+  def shared(side):
+    return f"{r.get(side + '_shared', r[side]) * 1e3:.1f} ({min(r['t_' + side]) * 1e3:.1f})"
+
+  def alone(side):
+    return f"{r[side + '_alone'] * 1e3:.1f}" if side + "_alone" in r else "-"
+
+  return [f"{x.anchor_dim}x{x.anchor_layers} / {x.aug_dim}x{x.aug_layers}", f"{x.batch} x {x.seq}",
+          f"{r['n_ours']:,} / {r['n_theirs']:,}", f"{r['flops'] / 1e9:.1f}", shared("ours"), alone("ours"),
+          shared("theirs"), alone("theirs"),
+          f"{r['flops'] / r['ours'] / 1e9:.0f} / {r['flops'] / r['theirs'] / 1e9:.0f}",
+          f"**{r['theirs'] / r['ours']:.2f}x**"]
+
+
+def _write(result, rows, machine, peaks):
   from calm_jax.malloc import is_tuned
-  path = ROOT / "docs" / "benchmarks.md"
-  cmd = "python benchmarks/calm.py " + " ".join(sys.argv[1:])
-  date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
   a = rows[0]["args"]
-  lines = []
-  for r in rows:
-    x = r["args"]
-    ms = lambda side, how: f"{r[f'{side}_{how}'] * 1e3:.1f}" if f"{side}_{how}" in r else "-"
-    lines.append(f"| {x.anchor_dim}x{x.anchor_layers} / {x.aug_dim}x{x.aug_layers} | {x.batch} x {x.seq} | "
-                 f"{r['n_ours']:,} / {r['n_theirs']:,} | {r['flops'] / 1e9:.1f} | "
-                 f"{ms('ours', 'shared')} ({min(r['t_ours']) * 1e3:.1f}) | {ms('ours', 'alone')} | "
-                 f"{ms('theirs', 'shared')} ({min(r['t_theirs']) * 1e3:.1f}) | {ms('theirs', 'alone')} | "
-                 f"{r['flops'] / r['ours'] / 1e9:.0f} / {r['flops'] / r['theirs'] / 1e9:.0f} | "
-                 f"**{r['theirs'] / r['ours']:.2f}x** |")
-  text = f"""
-## CALM training step vs CALM-pytorch ({date})
-
-- machine: `{platform.platform()}`, {ncpu} CPUs; jax {jax.__version__}, torch {torch.__version__}
-  (`torch.set_num_threads({ncpu})`), CALM-pytorch 0.2.2; 1-min load average before/after {load[0]:.1f} / {load[1]:.1f};
-  fp32 matmul 1024x512 @ 512x2048: XLA {peaks[0]:.0f} GFLOP/s, torch {peaks[1]:.0f} GFLOP/s
+  sweep = f"; other sizes {', '.join(f'{x}x' for x in result['speedup_sweep'])}" if "speedup_sweep" in result else ""
+  ratio = (f"**{result['speedup_vs_calm_pytorch']}x** CALM-pytorch's steps/s (training step, anchor "
+           f"{a.anchor_dim}x{a.anchor_layers}, m_A {a.aug_dim}x{a.aug_layers}, batch {a.batch} x {a.seq}, fp32; "
+           f"each side's faster of shared / alone process){sweep}")
+  common.write_run(TITLE, f"""
+{machine.line()}
+- fp32 matmul 1024x512 @ 512x2048: XLA {peaks[0]:.0f} GFLOP/s, torch {peaks[1]:.0f} GFLOP/s
 - both sides: pre-RMSNorm rotary SwiGLU (4x) decoders, vocab {a.vocab}, fp32; m_A's every 4th layer
   into evenly spaced anchor layers from layer 1 (N_A / 4 connections, the anchor's heads); one step =
   frozen m_A forward, anchor + cross-attention forward, next-token loss, backward into the composition
   only, AdamW; median (min) of {a.runs} blocks of {a.steps} steps, the two sides alternating, after two
-  warm-up blocks each; one process, under glibc tunables {'`calm_jax.malloc.TUNED`' if is_tuned() else 'left as they were'}
+  warm-up blocks each; one process, under glibc tunables {'`calm_jax.malloc.TUNED`' if is_tuned() else 'as started'}
 - GFLOP/step: matmul FLOPs counted from the shapes (`step_flops`), the same work on both sides;
   each side is timed again alone in a process of its own (ours under TUNED, CALM-pytorch under glibc's
   default allocator, as their users run them), and each side's figure is the faster of its two medians
-- command: `{cmd.strip()}`
+- code: {common.code_version()}; command: `{common.command()}`
 
-| anchor / m_A (width x layers) | batch x seq | trainable params ours / theirs | GFLOP/step | ours ms/step, shared process (min) | ours, alone | CALM-pytorch ms/step, shared process (min) | CALM-pytorch, alone (glibc defaults) | GFLOP/s ours / theirs (faster) | speedup, the faster figure of each side |
-| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
-{chr(10).join(lines)}
-"""
-  with open(path, "a") as f:
-    f.write(text)
+{common.md_table(COLUMNS, [_row_cells(r) for r in rows])}
+""", ratio, machine)
 
 
 if __name__ == "__main__":

@@ -25,19 +25,16 @@ params), no tokenizer copy or model card, `dtype: float32` (it computes in fp32,
 warm. Outputs of the first round are compared (max |ours − mergekit| on a few tensors). Rounds
 stop early at `--max-minutes`; an interrupted run (Ctrl-C, SIGTERM) reports its complete rounds.
 
-Appends a section to docs/benchmarks.md and prints one JSON object as the last line.
+Adds the run to docs/benchmarks.md (its section, and its row of the summary table; `common.write_run`)
+and prints one JSON object of the headline figures as the last line.
 Run: `.venv/bin/python benchmarks/merge.py` (`--small` for a quick smoke run).
 """
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
 import os
-import platform
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,8 +43,11 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import common
+from common import ROOT
+
+TITLE = "Streaming checkpoint merge vs mergekit"
+MODEL = dict(hidden=1024, layers=32, heads=16, intermediate=2816, vocab=32000)
 
 IO_FLOOR = """
 import mmap, os, sys, threading
@@ -107,16 +107,13 @@ def llama_specs(h, layers, inter, vocab):
 def generate(root: Path, args, n_models: int):
   """base + n_models fine-tuned checkpoints; returns (base dir, [model dirs], params per model)."""
   import ml_dtypes
-  import transformers
+
   from calm_jax.safetensors_io import ShardedWriter
 
   bf16 = np.dtype(ml_dtypes.bfloat16)
   specs = llama_specs(args.hidden, args.layers, args.intermediate, args.vocab)
   dirs = [root / "base"] + [root / f"ft{i}" for i in range(n_models)]
-  config = transformers.LlamaConfig(
-      vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-      num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-      tie_word_embeddings=False, torch_dtype="bfloat16")
+  config = common.llama_config(args, torch_dtype="bfloat16")
   config.architectures = ["LlamaForCausalLM"]
   for d in dirs:
     d.mkdir(parents=True)
@@ -232,41 +229,27 @@ def compare(a: Path, b: Path, names):
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--hidden", type=int, default=1024)
-  ap.add_argument("--layers", type=int, default=32)
-  ap.add_argument("--heads", type=int, default=16)
-  ap.add_argument("--intermediate", type=int, default=2816)
-  ap.add_argument("--vocab", type=int, default=32000)
+  ap = common.parser(__doc__, model=MODEL, runs=2, runs_help="rounds (each runs every merge once); medians over them")
   ap.add_argument("--init-std", type=float, default=0.02)
   ap.add_argument("--delta-std", type=float, default=0.002, help="std of the fine-tuning deltas")
   ap.add_argument("--shard-size", default="400MB", help="input shard size")
-  ap.add_argument("--runs", type=int, default=2, help="rounds (each runs every merge once); medians over them")
   ap.add_argument("--max-minutes", type=float, default=15,
                   help="start no further round when it would end past this many minutes of merging")
   ap.add_argument("--only", default="ta,ties,metagpt,ta_low",
                   help="comma-separated subset of ta,ties,metagpt and their _low variants (low_memory=True)")
   ap.add_argument("--tmp", default=None, help="parent of the temporary directory (default: the system's)")
   ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
-  ap.add_argument("--no-drop", action="store_true", help="do not drop the page cache before timed runs")
-  ap.add_argument("--small", action="store_true", help="tiny sizes, for a smoke test")
-  ap.add_argument("--no-write", action="store_true", help="do not append to docs/benchmarks.md")
-  args = ap.parse_args(argv)
-  if args.small:
-    args.hidden, args.layers, args.heads, args.intermediate, args.vocab = 64, 2, 4, 176, 512
-    args.shard_size, args.runs = "64KB", 1
+  ap.add_argument("--no-drop", action="store_true",
+                  help="do not drop the page cache before timed runs (implied by --small)")
+  # a smoke run keeps the page cache: dropping it (as root) slows every other process on the machine
+  args = common.parse(ap, argv, small={**common.SMALL_MODEL, "intermediate": 176, "shard_size": "64KB", "runs": 1,
+                                       "no_drop": True})
   cases = [c for c in args.only.split(",") if c]
-
-  import importlib.metadata as md
-  import psutil
 
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # kill the running merge and clean up
 
-  ncpu = os.cpu_count() or 1
-  git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-  dirty = subprocess.run(["git", "status", "--porcelain", "merging", "calm_jax"], cwd=ROOT, capture_output=True,
-                         text=True).stdout.split()
-  git += " (uncommitted changes in merging/ or calm_jax/)" if dirty else ""
+  machine = common.Machine("jax", "mergekit", "torch")
+  git = common.code_version("merging", "calm_jax")
   print(f"code: {git}", flush=True)
   tmp = Path(tempfile.mkdtemp(prefix="merge_bench_", dir=args.tmp))
   env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "JAX_PLATFORMS": "cpu",
@@ -306,7 +289,7 @@ def main(argv=None):
       pairs[c + "_low"] = (lambda o, c=c: pairs[c][0](o) + ["--config.low_memory=True"], pairs[c][1])
     times = {k: [] for k in ["io"] + [f"{c}_{s}" for c in cases for s in ("ours", "mk")]}
     rss = {k: [] for k in times}
-    dropped_all, diffs, lambdas, load = True, {}, None, [os.getloadavg()[0]]
+    dropped_all, diffs, lambdas = True, {}, None
     probe = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
              f"model.layers.{args.layers // 2}.mlp.down_proj.weight", "model.norm.weight", "lm_head.weight"]
 
@@ -354,14 +337,14 @@ def main(argv=None):
     for k in times:  # drop a partial round
       del times[k][rounds:], rss[k][rounds:]
     args.runs = rounds
-    load.append(os.getloadavg()[0])
+    machine.done()
   finally:
     if args.keep:
       print(f"kept {tmp}")
     else:
       shutil.rmtree(tmp, ignore_errors=True)
 
-  med = {k: statistics.median(v) for k, v in times.items() if v}
+  med = common.medians(times)
   mrss = {k: max(v) for k, v in rss.items() if v}
   result = {}
   for c in cases:
@@ -371,78 +354,81 @@ def main(argv=None):
   for c, (d, _) in diffs.items():
     result[f"max_abs_diff_{c}"] = max(v[0] for v in d.values())
 
-  total_in = sum(in_bytes)
-  print(f"\n{n_params:,} params per model, 4 inputs {total_in / 1e9:.2f} GB, output {out_bytes / 1e9:.2f} GB; "
-        f"{ncpu} CPUs; page cache {'dropped before every run' if dropped_all and not args.no_drop else 'warm'}")
+  dropped = dropped_all and not args.no_drop
+  print(f"\n{n_params:,} params per model, 4 inputs {sum(in_bytes) / 1e9:.2f} GB, output {out_bytes / 1e9:.2f} GB; "
+        f"{machine.ncpu} CPUs; page cache {'dropped before every run' if dropped else 'warm'}")
   for k in times:
     if times[k]:
       print(f"{k:12s} median {med[k]:8.2f} s of {[round(t, 2) for t in times[k]]}, peak RSS max "
             f"{mrss[k] / 2**30:.2f} GiB")
   for c, (d, dtypes) in diffs.items():
-    print(f"{c}: ours vs mergekit output dtypes {sorted(dtypes)}; per tensor (max |diff|, fraction differing, max |x|):")
+    print(f"{c}: ours vs mergekit output dtypes {sorted(dtypes)}; "
+          "per tensor (max |diff|, fraction differing, max |x|):")
     for n, v in d.items():
       print(f"   {n}: {v[0]:.3g}, {v[1]:.3g}, {v[2]:.3g}")
   if lambdas:
     print(f"MetaGPT λ: {[round(x, 6) for x in lambdas]}")
-  print(f"1-min load average before/after: {load[0]:.2f} / {load[-1]:.2f}")
+  machine.print_load()
 
-  if not args.no_write and not args.small:
-    _append(result, args, n_params, in_bytes, out_bytes, med, mrss, times, diffs, lambdas, load, dropped_all,
-            ncpu, gen_s, git, {p: md.version(p) for p in ("jax", "mergekit", "torch")},
-            psutil.virtual_memory().total)
-  print(json.dumps(result))
+  def write():
+    run = dict(n_params=n_params, in_bytes=in_bytes, out_bytes=out_bytes, gen_s=gen_s, dropped=dropped, git=git)
+    _write(result, args, run, med, mrss, times, diffs, lambdas, machine)
+
+  common.report(args, result, write)
 
 
-def _append(result, args, n_params, in_bytes, out_bytes, med, mrss, times, diffs, lambdas, load, dropped, ncpu,
-            gen_s, git, versions, ram):
-  path = ROOT / "docs" / "benchmarks.md"
-  cmd = "python benchmarks/merge.py " + " ".join(sys.argv[1:])
-  date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+NAMES = {"ta": "task_arithmetic (w 1,1,1, λ 0.5)", "ties": "TIES, mergekit convention, density 0.5",
+         "metagpt": "MetaGPT vs mergekit task_arithmetic with weight λ_t"}
+NAMES.update({c + "_low": NAMES[c] + ", `low_memory=True`" for c in list(NAMES)})
+SHORT = {"ta": "task arithmetic", "ties": "TIES", "metagpt": "MetaGPT"}
+SHORT.update({c + "_low": SHORT[c] + " `low_memory`" for c in list(SHORT)})
+
+
+COLUMNS = ["method", "ours s (rounds)", "mergekit s (rounds)", "speedup vs mergekit", "ours peak RSS GiB",
+           "mergekit peak RSS GiB", "RSS ratio ours/mk", "ours / I/O floor"]
+
+
+def _write(result, args, run, med, mrss, times, diffs, lambdas, machine):
   gib = 2 ** 30
-  names = {"ta": "task_arithmetic (w 1,1,1, λ 0.5)", "ties": "TIES, mergekit convention, density 0.5",
-           "metagpt": "MetaGPT vs mergekit task_arithmetic with weight λ_t"}
-  names.update({c + "_low": names[c] + ", `low_memory=True`" for c in list(names)})
-  rows = []
-  for c in [k[:-5] for k in med if k.endswith("_ours")]:
-    rounds = {k: ", ".join(f"{t:.1f}" for t in times[c + k]) for k in ("_ours", "_mk")}
-    rows.append(f"| {names[c]} | {med[c + '_ours']:.1f} ({rounds['_ours']}) | {med[c + '_mk']:.1f} ({rounds['_mk']}) | "
-                f"**{result['speedup_vs_mergekit_' + c]}x** | {mrss[c + '_ours'] / gib:.2f} | "
-                f"{mrss[c + '_mk'] / gib:.2f} | {result['peak_rss_ratio_' + c]} | "
-                f"{result['ours_over_io_floor_' + c]} |")
-  diff_lines = "; ".join(f"{c}: max |ours − mergekit| {max(v[0] for v in d.values()):.3g}, "
-                         f"fraction of entries differing ≤ {max(v[1] for v in d.values()):.3g}"
-                         for c, (d, _) in diffs.items())
-  text = f"""
-## Streaming checkpoint merge vs mergekit ({date})
+  cases = [k[:-5] for k in med if k.endswith("_ours")]
+  speedups = ", ".join(f"{SHORT[c]} **{result['speedup_vs_mergekit_' + c]}x**" for c in cases)
+  rss_ratios = [result["peak_rss_ratio_" + c] for c in cases]
+  ratio = (f"mergekit's time / ours, end to end: {speedups}; peak RSS ours / mergekit "
+           f"{min(rss_ratios)}-{max(rss_ratios)} ({run['n_params'] / 1e6:.1f}M-param bf16 checkpoints, 3 models)")
 
-- machine: `{platform.platform()}`, {platform.processor() or platform.machine()}, {ncpu} CPUs,
-  {ram / gib:.1f} GiB RAM; jax {versions['jax']}, mergekit {versions['mergekit']}, torch {versions['torch']};
-  1-min load average before/after the run {load[0]:.2f} / {load[-1]:.2f}
-- checkpoints: random llama, {n_params:,} params each (hidden {args.hidden}, {args.layers} layers,
+  def cells(c):
+    rounds = {k: ", ".join(f"{t:.1f}" for t in times[c + k]) for k in ("_ours", "_mk")}
+    return [NAMES[c], f"{med[c + '_ours']:.1f} ({rounds['_ours']})", f"{med[c + '_mk']:.1f} ({rounds['_mk']})",
+            f"**{result['speedup_vs_mergekit_' + c]}x**", f"{mrss[c + '_ours'] / gib:.2f}",
+            f"{mrss[c + '_mk'] / gib:.2f}", result["peak_rss_ratio_" + c], result["ours_over_io_floor_" + c]]
+
+  agree = "; ".join(f"{c}: max |ours − mergekit| {max(v[0] for v in d.values()):.3g}, "
+                    f"fraction of entries differing ≤ {max(v[1] for v in d.values()):.3g}"
+                    for c, (d, _) in diffs.items())
+  in_bytes, out_bytes = run["in_bytes"], run["out_bytes"]
+  common.write_run(TITLE, f"""
+{machine.line()}
+- checkpoints: random llama, {run['n_params']:,} params each (hidden {args.hidden}, {args.layers} layers,
   intermediate {args.intermediate}, vocab {args.vocab}, untied lm_head), bf16, {in_bytes[0] / 1e9:.2f} GB each in
   {args.shard_size} shards + index; base + 3 fine-tuned (base + N(0, {args.delta_std}) per entry);
-  4 inputs {sum(in_bytes) / 1e9:.2f} GB, output {out_bytes / 1e9:.2f} GB bf16 (generated in {gen_s:.0f} s)
+  4 inputs {sum(in_bytes) / 1e9:.2f} GB, output {out_bytes / 1e9:.2f} GB bf16 (generated in {run['gen_s']:.0f} s)
 - each merge is one subprocess, end to end (start-up, imports, compile, read, merge, write); peak RSS
   is the child's VmHWM polled every 50 ms (file-backed mmap pages it has mapped count); page cache
-  {'dropped before every run' if dropped else 'warm for every run (could not drop it)'};
+  {'dropped before every run' if run['dropped'] else 'warm for every run (not dropped)'};
   median of {args.runs} round(s); mergekit: `mergekit-yaml --lazy-unpickle --no-copy-tokenizer
   --no-write-model-card`, CPU, `dtype: float32`, `out_dtype: bfloat16`; ours: `python -m launch.merge`
   (under its tuned glibc allocator, `calm_jax/malloc.py`; its persistent compile cache,
   `calm_jax/compile_cache.py`, starts empty: round 1 compiles the kernels, later rounds load them)
 - I/O floor (read every input byte once: 64 MB O_DIRECT reads in 4 threads; write {out_bytes / 1e9:.2f} GB
-  O_DIRECT + fsync): median {med['io']:.1f} s
-  of {[round(t, 1) for t in times['io']]}, peak RSS {mrss['io'] / gib:.2f} GiB
-- code: {git}; command: `{cmd.strip()}`
+  O_DIRECT + fsync): median {med['io']:.1f} s of {[round(t, 1) for t in times['io']]}, peak RSS
+  {mrss['io'] / gib:.2f} GiB
+- code: {run['git']}; command: `{common.command()}`
 
-| method | ours s (rounds) | mergekit s (rounds) | speedup vs mergekit | ours peak RSS GiB | mergekit peak RSS GiB | RSS ratio ours/mk | ours / I/O floor |
-| --- | --- | --- | --- | --- | --- | --- | --- |
-{chr(10).join(rows)}
+{common.md_table(COLUMNS, [cells(c) for c in cases])}
 
-Outputs agree: {diff_lines}.{f' MetaGPT λ = {[round(x, 5) for x in lambdas]}.' if lambdas else ''}
+Outputs agree: {agree}.{f' MetaGPT λ = {[round(x, 5) for x in lambdas]}.' if lambdas else ''}
 Goal (issue 4): ≥ 3× faster than mergekit at no more peak memory, within 3× of the I/O floor.
-"""
-  with open(path, "a") as f:
-    f.write(text)
+""", ratio, machine)
 
 
 if __name__ == "__main__":
