@@ -173,7 +173,7 @@ def train(model: nnx.Module, *, trainable, loss_fn: Callable, batch_fn: Callable
   if not quiet and jax.process_index() == 0:
     n = sum(np.size(x) for x in jax.tree.leaves(trainable))
     print(f"training {n:,} parameters of {config.get('method', '') or 'the model'} on mesh "
-          f"{dict(zip(mesh.axis_names, mesh.axis_sizes))} ({mesh.size} devices, {jax.process_count()} processes)")
+          f"{dict(zip(mesh.axis_names, mesh.axis_sizes))} ({mesh.size} device(s), {jax.process_count()} process(es))")
   base_key = jax.random.key(int(config.seed))
   batch_sh = sharding.batch_sharding(mesh)
 
