@@ -64,12 +64,19 @@ def tiny_base_dir(tmp_path_factory):
 
   Runs `python -m launch.train` in a subprocess (one CPU device, as `make demo` does) and
   returns the workdir (results.json, hf/). Method tests that need a trained base share it.
+  For the inner loop, CALM_JAX_TEST_BASE=DIR (a finished `configs/pretrain.py` workdir, e.g.
+  runs/demo/base) is copied instead of training; `make test` and CI always train.
   """
+  import shutil
   import subprocess
   import sys
   from pathlib import Path
 
   workdir = tmp_path_factory.mktemp("tiny_base")
+  given = os.environ.get("CALM_JAX_TEST_BASE")
+  if given:
+    shutil.copytree(given, workdir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoints", "tb"))
+    return workdir
   root = Path(__file__).resolve().parents[1]
   proc = subprocess.run([sys.executable, "-m", "launch.train", "--config=configs/pretrain.py",
                          f"--workdir={workdir}"], cwd=root, capture_output=True, text=True, timeout=900)

@@ -1,7 +1,7 @@
-"""MoA on the trained tiny base (session fixture `tiny_base_dir`): router accuracy on held-out
-labelled prompts of the suite's domains above the stated level, and the tiny suite end to end
-(results.json in the interface's format; the oracle mode equals each expert merged into the
-weights and scored on its own domain)."""
+"""MoA on the trained tiny base: routers reach the stated accuracy on held-out labelled prompts of
+the suite's domains; in the tiny suite end to end the oracle mode (each example's labelled expert,
+gathered per example in one batch) equals each expert merged into the weights and decoded plainly;
+and a domain expert lifts a task the base cannot do."""
 import json
 from pathlib import Path
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from calm_jax import hf, lora as L
-from calm_jax.tasks import task_registry
 from calm_jax.registry import get_method
+from calm_jax.tasks import task_registry
 from calm_jax.tokenizers import load_tokenizer
 from configs.moa.suite import get_config
 from moa import evaluate as E
@@ -42,14 +42,10 @@ def test_suite_tiny_end_to_end(tiny_base_dir, tmp_path):
   c = get_config("tiny")
   c.base_workdir = str(tiny_base_dir)
   c.scratch, c.new_domain, c.inference.top_k = False, "", 1
-  out = get_method("moa_suite")(c, tmp_path)
+  get_method("moa_suite")(c, tmp_path)
   res = json.loads((tmp_path / "results.json").read_text())
   assert (tmp_path / "results.png").stat().st_size > 0
-  assert set(res["per_domain"]) == set(MODES)
-  for mode, accs in res["per_domain"].items():
-    assert set(accs) == set(c.domains) and all(0.0 <= v <= 1.0 for v in accs.values()), mode
-  assert set(res["router_accuracy"]) == {"0", "1", "2"}
-  assert res["per_domain"] == out["per_domain"]
+  assert set(res["per_domain"]) == set(MODES) and set(res["router_accuracy"]) == {"0", "1", "2"}
   # The oracle (label picks the stacked expert, gathered per example) = that expert merged into the
   # weights and decoded plainly.
   base = hf.load(Path(tiny_base_dir) / "hf")
@@ -64,18 +60,25 @@ def test_suite_tiny_end_to_end(tiny_base_dir, tmp_path):
 
 
 def test_domain_expert_command(tiny_base_dir, tmp_path):
-  """`configs/moa/expert.py:domain=NAME` through `launch.train`: a LoRA adapter for the base, saved on
-  its own, that loads back for this base and reproduces the accuracy the run reported."""
+  """`configs/moa/expert.py:domain=count` through `launch.train` (60 steps of 32): a LoRA adapter for the
+  base, saved on its own, that lifts `count` (held out of the base: 0 %) by at least 15 points
+  (measured: 29 %); it loads back for this base, and merged into the weights and exported as an HF
+  directory, `launch.eval` re-scores it there to the accuracy the run reported."""
   import subprocess
   import sys
   root = Path(__file__).resolve().parents[1]
-  proc = subprocess.run([sys.executable, "-m", "launch.train", "--config=configs/moa/expert.py:domain=max,tiny=True",
-                         f"--workdir={tmp_path}", f"--config.base_workdir={tiny_base_dir}"],
-                        cwd=root, capture_output=True, text=True, timeout=300)
+  proc = subprocess.run([sys.executable, "-m", "launch.train", "--config=configs/moa/expert.py:domain=count",
+                         f"--workdir={tmp_path}", f"--config.base_workdir={tiny_base_dir}",
+                         "--config.train.steps=60"], cwd=root, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   res = json.loads((tmp_path / "results.json").read_text())
-  assert res["domain"] == "max" and 0 <= res["accuracy"] <= 1 and 0 <= res["base_accuracy"] <= 1
+  assert res["domain"] == "count" and res["accuracy"] >= res["base_accuracy"] + 0.15, res
   base = hf.load(Path(tiny_base_dir) / "hf")
   factors, spec, meta = L.load_adapter(tmp_path / "adapter", base.params(), cfg=base.config)
-  assert spec.rank == 2 and set(spec.targets) == {"q", "k", "v", "o", "gate", "up", "down"}
-  assert any(np.abs(np.asarray(f["b"])).max() > 0 for f in factors.values())  # it trained (B starts at 0)
+  assert spec.rank == 8 and set(spec.targets) == {"q", "k", "v", "o", "gate", "up", "down"}
+  out = L.save_merged(base.config, base.params(), factors, spec.scale, tmp_path / "merged",
+                      copy_from=Path(tiny_base_dir) / "hf")
+  p = subprocess.run([sys.executable, "-m", "launch.eval", f"--model={out}", "--tasks=count", "--n_per_task=100",
+                      f"--workdir={tmp_path / 'rescore'}"], cwd=root, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert json.loads((tmp_path / "rescore" / "results.json").read_text())["accuracy"]["count"] == res["accuracy"]
