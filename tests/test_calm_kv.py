@@ -86,6 +86,7 @@ def test_lora_control_matches_parameter_count():
   assert abs(n - 40_000) <= per_rank / 2 and spec.rank == rank
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["twin", "paper"])
 def test_experiment_tiny_end_to_end(tmp_path, fast_compile, objective):
   from calm.kv_arithmetic import run

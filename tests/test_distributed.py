@@ -17,6 +17,7 @@ from calm_jax.models import flatten, init_params
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
+@pytest.mark.slow
 def test_two_process_sharded_step_matches_single_process(tmp_path):
   out = tmp_path / "result.npz"
   codes, logs = run_two_processes(Path(W.__file__), [out], tmp_path)

@@ -105,6 +105,7 @@ def peak_rss(dirs, out: Path, low_memory) -> dict:
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("low_memory", [True, "tuned", False])
 def test_streaming_merge_peak_rss_is_a_few_tensors(tmp_path, low_memory):
   big = dict(hidden=512, inter=1536, vocab=2048, layers=24 if low_memory == "tuned" else 8)

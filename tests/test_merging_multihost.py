@@ -20,6 +20,7 @@ CASES = {"metagpt_ties": dict(method="metagpt", sparsify="ties", density=0.4)}
 ZOOS = {"even": {}, "odd_norms": dict(hidden_size=36, num_attention_heads=2, num_key_value_heads=2)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zoo", ZOOS)
 @pytest.mark.parametrize("case", CASES)
 def test_two_host_merge_equals_one_process(tmp_path, case, zoo):

@@ -196,6 +196,7 @@ def hf_tensors(d):
   return {k: np.array(r.get(k)) for k in r.keys()}
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
   args = ("--config.steps=40", "--config.checkpoint.every=5", "--config.log_every=5")
   full = run_train(tmp_path / "full", *args)
