@@ -15,7 +15,8 @@ torch uses `torch.set_num_threads(os.cpu_count())`. The process re-executes itse
 `calm_jax.malloc.TUNED` (the allocator `launch.train` runs under), so both sides share it.
 Sharing one process slows both sides (each ~10% here: caches, heap, the other's idle threads), so
 each side is timed again alone in its own process, as its users run it: ours under TUNED,
-CALM-pytorch under glibc's defaults. Each side's figure is the faster of its two medians.
+CALM-pytorch under glibc's defaults (`common.each_alone`; `--no-alone` skips it). Each side's figure is
+the faster of its two medians.
 
 `--sweep` adds rows at other sizes (smaller models; a longer sequence). Each row states the step's
 matmul FLOPs (`step_flops`, from the shapes) and both sides' GFLOP/s beside the machine's fp32
@@ -54,20 +55,22 @@ def main(argv=None):
   ap.add_argument("--steps", type=int, default=5, help="steps per timed block")
   ap.add_argument("--sweep", action="store_true",
                   help="also run the SWEEP sizes (smaller models, a longer sequence): one row each")
-  common.add_alone(ap, ("ours", "theirs"))
+  common.add_alone(ap)
   args = common.parse(ap, argv, small=SMALL)
 
-  import jax
-
   machine = common.Machine("jax", "torch", "CALM-pytorch")
-  machine.torch_all_cores()
+  if args.alone != "ours":
+    machine.torch_all_cores()
   sizes = [args] + ([argparse.Namespace(**{**vars(args), **s}) for s in SWEEP] if args.sweep else [])
   if args.alone:
     common.report(args, [_measure_alone(a, args.alone) for a in sizes])
     return
+
+  import jax
+
   peaks = _matmul_peaks()
   rows = [_measure(a) for a in sizes]
-  _each_side_alone(rows)
+  alone = _each_side_alone(args, rows)
   machine.done()
   main_row = rows[0]
   result = {"steps_per_s_ours": round(1 / main_row["ours"], 3),
@@ -83,7 +86,7 @@ def main(argv=None):
       result["mfu_ours"] = round(main_row["flops"] / main_row["ours"] / peak, 4)
   print(f"fp32 matmul peak (1024x512 @ 512x2048): XLA {peaks[0]:.0f} GFLOP/s, torch {peaks[1]:.0f} GFLOP/s")
   machine.print_load()
-  common.report(args, result, lambda: _write(result, rows, machine, peaks))
+  common.report(args, result, lambda: _write(result, rows, machine, peaks, alone))
 
 
 # Further sizes for --sweep (overrides of the defaults): smaller models, where per-operation overhead
@@ -133,20 +136,22 @@ def _matmul_peaks(m=1024, k=512, n=2048, reps=50) -> tuple[float, float]:
   return out[0], out[1]
 
 
-def _each_side_alone(rows) -> None:
-  """Each side again in a process of its own: ours under TUNED (as `launch.train` runs it), CALM-pytorch
-  under glibc's default allocator (as its users run it). Each row's `ours` / `theirs` becomes the
-  faster of that side's two medians (`*_shared` and `*_alone` kept)."""
+def _each_side_alone(args, rows) -> common.Alone:
+  """Each side again in a process of its own (`common.each_alone`): ours under TUNED (as `launch.train`
+  runs it), CALM-pytorch under glibc's default allocator (as its users run it). Each row's `ours` /
+  `theirs` becomes the faster of that side's two medians (`*_shared` and `*_alone` kept)."""
   from calm_jax.malloc import TUNED
   base = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"} | {"CALM_JAX_NO_REEXEC": "1"}
-  for side, env in (("ours", base | {"GLIBC_TUNABLES": TUNED}), ("theirs", base)):
-    for row, t in zip(rows, common.run_alone(side, env)):
+  alone = common.each_alone(args, {"ours": base | {"GLIBC_TUNABLES": TUNED}, "theirs": base})
+  for side in common.SIDES:
+    for row, t in zip(rows, alone[side] or ()):
       row[f"{side}_shared"], row[f"{side}_alone"] = row[side], t
-      row[side] = min(row[side], t)
-  for row in rows:
+      row[side] = common.faster(row[side], t)
+  for row in rows if alone.runs else ():
     print(f"  alone in its own process: ours {row['ours_alone'] * 1e3:.1f} ms/step, CALM-pytorch (glibc defaults) "
           f"{row['theirs_alone'] * 1e3:.1f}; speedup, the faster figure of each side: "
           f"{row['theirs'] / row['ours']:.2f}x")
+  return alone
 
 
 def _time_sides(args, sides) -> tuple[dict, dict]:
@@ -306,7 +311,7 @@ def _row_cells(r) -> list[str]:
           f"**{r['theirs'] / r['ours']:.2f}x**"]
 
 
-def _write(result, rows, machine, peaks):
+def _write(result, rows, machine, peaks, alone):
   from calm_jax.malloc import is_tuned
   a = rows[0]["args"]
   sweep = f"; other sizes {', '.join(f'{x}x' for x in result['speedup_sweep'])}" if "speedup_sweep" in result else ""
@@ -321,9 +326,8 @@ def _write(result, rows, machine, peaks):
   frozen m_A forward, anchor + cross-attention forward, next-token loss, backward into the composition
   only, AdamW; median (min) of {a.runs} blocks of {a.steps} steps, the two sides alternating, after two
   warm-up blocks each; one process, under glibc tunables {'`calm_jax.malloc.TUNED`' if is_tuned() else 'as started'}
-- GFLOP/step: matmul FLOPs counted from the shapes (`step_flops`), the same work on both sides;
-  each side is timed again alone in a process of its own (ours under TUNED, CALM-pytorch under glibc's
-  default allocator, as their users run them), and each side's figure is the faster of its two medians
+- GFLOP/step: matmul FLOPs counted from the shapes (`step_flops`), the same work on both sides
+{alone.line("ours under TUNED, CALM-pytorch under glibc's default allocator, as their users run them")}
 - code: {common.code_version()}; command: `{common.command()}`
 
 {common.md_table(COLUMNS, [_row_cells(r) for r in rows])}

@@ -57,10 +57,13 @@ def parse(ap: argparse.ArgumentParser, argv=None, small: dict | None = None) -> 
   return args
 
 
-def report(args, result: dict, write: Callable[[], None] | None = None) -> None:
+def report(args, result, write: Callable[[], None] | None = None) -> None:
   """Runs `write` (the docs section) unless --small or --no-write, then prints the headline figures as
-  one JSON object: the last line on stdout, what a caller reads."""
-  if write is not None and not (args.small or args.no_write):
+  one JSON object: the last line on stdout, what a caller reads. A side alone (--alone) prints its
+  figures with the SIDES libraries its process imported, for `each_alone` to read."""
+  if getattr(args, "alone", None):
+    result = {"figures": result, "imported": [lib for lib in SIDES.values() if lib in sys.modules]}
+  elif write is not None and not (args.small or args.no_write):
     write()
   print(json.dumps(result), flush=True)
 
@@ -115,10 +118,29 @@ def ms(ts) -> list[float]:
 
 # ------------------------------------------------------------------------ one side in its own process
 
+# The sides of every benchmark and the array library each runs on: a side alone imports only its own.
+SIDES = {"ours": "jax", "theirs": "torch"}
+_SCRATCH: list[tempfile.TemporaryDirectory] = []  # this process's scratch folder, made on first use
 
-def add_alone(ap: argparse.ArgumentParser, sides) -> None:
-  """--alone=SIDE: the script measures only that side and prints its figures as JSON (see `run_alone`)."""
-  ap.add_argument("--alone", choices=tuple(sides), help=argparse.SUPPRESS)
+
+def add_alone(ap: argparse.ArgumentParser) -> None:
+  """--no-alone (skip `each_alone`), and the hidden flags of a side's own process: --alone=SIDE (measure
+  only that side, print its figures: `report`) and --alone-dir (the parent's `scratch` folder)."""
+  ap.add_argument("--no-alone", action="store_true",
+                  help="time the sides together in one process only, not each again alone in its own process")
+  ap.add_argument("--alone", choices=tuple(SIDES), help=argparse.SUPPRESS)
+  ap.add_argument("--alone-dir", help=argparse.SUPPRESS)
+
+
+def scratch(args) -> Path:
+  """A folder for what a side alone reads from its parent (a checkpoint, matrices), so that its process
+  needs neither the other side's library nor to draw the data again: the parent's (--alone-dir) in a
+  side's own process, else a temporary folder of this process, removed at exit."""
+  if getattr(args, "alone_dir", None):
+    return Path(args.alone_dir)
+  if not _SCRATCH:
+    _SCRATCH.append(tempfile.TemporaryDirectory(prefix="benchmark-"))
+  return Path(_SCRATCH[0].name)
 
 
 def last_json(stdout: str):
@@ -127,16 +149,68 @@ def last_json(stdout: str):
 
 
 def run_alone(side: str, env: dict | None = None, argv=None):
-  """Runs this script again in a fresh process with the same arguments (or `argv`) plus --alone=side,
-  under `env`, and returns the JSON of its last stdout line: a side timed without the other's
-  caches, heap and idle threads in its process, as its users run it."""
+  """Runs this script again in a fresh process with the same arguments (or `argv`) plus --alone=side
+  (and --alone-dir when this process made a `scratch` folder), under `env`, and returns the JSON of its
+  last stdout line: a side timed without the other's caches, heap and idle threads in its process, as
+  its users run it."""
   argv = sys.argv[1:] if argv is None else list(argv)
   cmd = [sys.executable, str(Path(sys.argv[0]).resolve()), *argv, f"--alone={side}"]
+  if _SCRATCH:
+    cmd.append(f"--alone-dir={_SCRATCH[0].name}")
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
   if proc.returncode != 0:
     sys.stdout.write(proc.stdout[-2000:] + proc.stderr[-4000:])
     raise SystemExit(f"--alone={side} failed ({proc.returncode}): {' '.join(cmd)}")
   return last_json(proc.stdout)
+
+
+class Alone:
+  """Each side measured again in a process of its own (`each_alone`): the same sizes, seed, warm-up
+  and number of timed runs as the shared process, importing only that side's library. Empty under
+  --no-alone."""
+
+  def __init__(self, runs: dict[str, dict]):
+    self.runs = runs  # side -> {"figures": what its `report` printed, "imported": [libraries]}
+
+  def __getitem__(self, side: str):
+    """That side's figures, or None when not run."""
+    return self.runs[side]["figures"] if side in self.runs else None
+
+  def get(self, side: str, key: str):
+    """One figure of that side's alone run, or None when not run."""
+    return self.runs[side]["figures"][key] if side in self.runs else None
+
+  def line(self, how: str = "") -> str:
+    """The docs' bullet on the alone runs; `how` says how the processes run (their environment)."""
+    if not self.runs:
+      return "- each side alone: not run (`--no-alone`); every figure is the shared process's"
+    imported = "; ".join(f"{side} {', '.join(r['imported']) or 'neither'}" for side, r in self.runs.items())
+    return ("- each side also alone: a fresh process per side (`--alone`), the same sizes, seed, warm-up and\n"
+            f"  number of timed runs, importing only its own side's library (imported: {imported})"
+            f"{'; ' + how if how else ''};\n  each side's figure in the headline is the faster of its shared-process "
+            "and alone figures")
+
+
+def each_alone(args, env: dict[str, dict] | None = None) -> Alone:
+  """Every side of SIDES timed again by `run_alone`, under its `env` (default: this process's), unless
+  --no-alone. A process that imported the other side's library is said (its figures still count)."""
+  runs = {}
+  for side, lib in ({} if args.no_alone else SIDES).items():
+    runs[side] = run_alone(side, (env or {}).get(side))
+    other = set(runs[side]["imported"]) - {lib}
+    if other:
+      print(f"note: {side} alone also imported {', '.join(sorted(other))}")
+  return Alone(runs)
+
+
+def faster(shared: float, alone: float | None) -> float:
+  """A side's headline seconds: the faster of its shared-process and alone figures (shared when no alone)."""
+  return shared if alone is None else min(shared, alone)
+
+
+def cell(value: float | None, spec: str = ".1f") -> str:
+  """A table cell of a figure that may be missing ('-')."""
+  return "-" if value is None else format(value, spec)
 
 
 # ---------------------------------------------------------------------------------------- the machine
@@ -242,18 +316,29 @@ def llama_config(args, **extra):
 
 def random_llama(args, init_std: float, **extra):
   """A random fp32 transformers llama (torch seed 0) and our model loaded from its `save_pretrained`
-  checkpoint: both sides start from the same weights. Returns (torch model, ours, #params)."""
-  import torch
-  import transformers
+  checkpoint: both sides start from the same weights. Returns (torch model, ours, #params). The
+  checkpoint stays in `scratch`; a side alone (--alone) makes only its own model (the other is None):
+  theirs drawn again from seed 0, ours loaded from the parent's checkpoint, so that neither imports
+  the other side's library."""
+  side, ref, model = getattr(args, "alone", None), None, None
+  path = scratch(args) / "llama"
+  if side != "ours":
+    import torch
+    import transformers
+    torch.manual_seed(0)
+    config = llama_config(args, max_position_embeddings=4096, initializer_range=init_std, **extra)
+    ref = transformers.LlamaForCausalLM(config).eval().to(torch.float32)
+    n_params = sum(p.numel() for p in ref.parameters())
+    if not side:
+      ref.save_pretrained(path)
+  if side != "theirs":
+    import jax
 
-  from calm_jax import hf
-  torch.manual_seed(0)
-  config = llama_config(args, max_position_embeddings=4096, initializer_range=init_std, **extra)
-  ref = transformers.LlamaForCausalLM(config).eval().to(torch.float32)
-  with tempfile.TemporaryDirectory() as tmp:
-    ref.save_pretrained(tmp)
-    model = hf.load(tmp)
-  return ref, model, sum(p.numel() for p in ref.parameters())
+    from calm_jax import hf
+    model = hf.load(path)
+    if ref is None:
+      n_params = sum(x.size for x in jax.tree.leaves(model.params()))
+  return ref, model, n_params
 
 
 # --------------------------------------------------------------------------------- docs/benchmarks.md

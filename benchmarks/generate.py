@@ -5,7 +5,9 @@ intermediate 2048, vocab 32000) is saved with `save_pretrained` into a temporary
 loaded by both sides in fp32 on the CPU. Batch of unequal-length prompts (left-padded), greedy,
 no EOS in the config so both sides produce exactly `--new` tokens per row. Both are warmed up
 (our compile time is reported separately), then timed alternately; medians over `--runs`.
-torch uses `torch.set_num_threads(os.cpu_count())`; XLA uses all cores by default.
+torch uses `torch.set_num_threads(os.cpu_count())`; XLA uses all cores by default. Each side is then
+timed again alone, in a process of its own that imports only its side's library (`common.each_alone`;
+`--no-alone` skips it); each side's headline figure is the faster of its two medians.
 
 Adds the run to docs/benchmarks.md (its section, and its row of the summary table; `common.write_run`)
 and prints one JSON object of the headline figures as the last line.
@@ -29,73 +31,83 @@ def main(argv=None):
   ap.add_argument("--new", type=int, default=128)
   ap.add_argument("--init-std", type=float, default=0.1,
                   help="initializer_range; larger than HF's 0.02 so greedy argmax has few near-ties")
+  common.add_alone(ap)
   args = common.parse(ap, argv, small={**common.SMALL_MODEL, "new": 16, "runs": 2})
 
-  import torch
-
-  from calm_jax import decoding
-
   machine = common.Machine("jax", "transformers", "torch")
-  machine.torch_all_cores()
+  if args.alone != "ours":
+    machine.torch_all_cores()
   ref, model, n_params = common.random_llama(args, args.init_std, bos_token_id=1, eos_token_id=None, pad_token_id=0)
-
   rng = np.random.default_rng(0)
   lens = rng.integers(args.min_prompt, args.max_prompt + 1, args.batch)
   prompts = [rng.integers(2, args.vocab, n).tolist() for n in lens]
-  width = max(lens)
-  ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-  mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+  runs = {}
+  if model is not None:
+    runs["ours"] = _ours(args, model, prompts)
+  if ref is not None:
+    runs["theirs"] = _hf(args, ref, prompts)
+  outs, times, first_call_s, compile_s = _measure(args, runs)
+  if args.alone:
+    common.report(args, {"median": common.medians(times)[args.alone], "times": times[args.alone]})
+    return
 
-  def run_ours():
-    return decoding.generate(model, prompts, max_new_tokens=args.new, eos_token_id=[])
-
-  def run_hf():
-    with torch.inference_mode():
-      out = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new, min_new_tokens=args.new,
-                         do_sample=False, pad_token_id=0)
-    return out[:, width:].tolist()
-
-  compile_time = common.CompileTime()
-  ours, first_call_s = common.timed(run_ours)
-  compile_s = compile_time.seconds
-  theirs = run_hf()  # warm-up
-  run_ours()
+  ours, theirs = outs["ours"], outs["theirs"]
   assert all(len(r) == args.new for r in ours) and all(len(r) == args.new for r in theirs)
   same = np.mean(np.array(ours) == np.array(theirs))
   first_diff = [next((j for j, (a, b) in enumerate(zip(r, s)) if a != b), args.new) for r, s in zip(ours, theirs)]
-
-  times = common.alternate({"ours": run_ours, "hf": run_hf}, args.runs)
-  machine.done()
   med = common.medians(times)
+  alone = common.each_alone(args)
+  machine.done()
+  fast = {side: common.faster(med[side], alone.get(side, "median")) for side in med}
   n_tokens = args.batch * args.new
+
+  def tok_s(seconds):
+    return None if seconds is None else round(n_tokens / seconds, 1)
+
   result = {
-      "tokens_per_s_ours": round(n_tokens / med["ours"], 1),
-      "tokens_per_s_hf": round(n_tokens / med["hf"], 1),
-      "speedup_vs_transformers": round(med["hf"] / med["ours"], 2),
+      "tokens_per_s_ours": tok_s(fast["ours"]),
+      "tokens_per_s_hf": tok_s(fast["theirs"]),
+      "speedup_vs_transformers": round(fast["theirs"] / fast["ours"], 2),
       "compile_s_ours": round(compile_s, 2),
       "identical_token_fraction": round(float(same), 4),
+      "tokens_per_s_ours_shared": tok_s(med["ours"]),
+      "tokens_per_s_hf_shared": tok_s(med["theirs"]),
+      "tokens_per_s_ours_alone": tok_s(alone.get("ours", "median")),
+      "tokens_per_s_hf_alone": tok_s(alone.get("theirs", "median")),
   }
   print(f"params {n_params / 1e6:.1f}M, batch {args.batch}, prompts {min(lens)}-{max(lens)} tokens, "
         f"{args.new} new tokens, greedy fp32, {machine.ncpu} CPUs (torch threads {machine.torch_threads})")
-  print(f"ours: median {med['ours']:.3f}s of {[round(t, 3) for t in times['ours']]} "
-        f"(first call {first_call_s:.2f}s, of which compile {compile_s:.2f}s)")
-  print(f"transformers: median {med['hf']:.3f}s of {[round(t, 3) for t in times['hf']]}")
+  for side, name in (("ours", "ours"), ("theirs", "transformers")):
+    extra = f" (first call {first_call_s:.2f}s, of which compile {compile_s:.2f}s)" if side == "ours" else ""
+    print(f"{name}: median {med[side]:.3f}s of {[round(t, 3) for t in times[side]]}{extra}")
+    if alone[side]:
+      print(f"  alone in its own process: median {alone.get(side, 'median'):.3f}s of "
+            f"{[round(t, 3) for t in alone.get(side, 'times')]}")
+  print(f"speedup, the faster figure of each side: {result['speedup_vs_transformers']:.2f}x")
   print(f"identical tokens {same:.4f}; first difference per row {first_diff}")
   machine.print_load()
 
   def write():
     ratio = (f"**{result['speedup_vs_transformers']}x** transformers' tokens/s (greedy decode, batch {args.batch}, "
-             f"{args.new} new tokens, {n_params / 1e6:.1f}M params, fp32)")
-    table = common.md_table(["", "median s", "min s", "tokens/s (median)", "compile s"], [
-        ["calm_jax `decoding.generate`", f"{med['ours']:.3f}", f"{min(times['ours']):.3f}",
-         result["tokens_per_s_ours"], result["compile_s_ours"]],
-        ["transformers `generate`", f"{med['hf']:.3f}", f"{min(times['hf']):.3f}", result["tokens_per_s_hf"], "-"]])
+             f"{args.new} new tokens, {n_params / 1e6:.1f}M params, fp32; each side's faster of shared / alone "
+             "process)")
+
+    def row(side, name, compile_cell):
+      alone_times = alone.get(side, "times")
+      return [name, f"{med[side]:.3f}", f"{min(times[side]):.3f}", common.cell(alone.get(side, "median"), ".3f"),
+              common.cell(alone_times and min(alone_times), ".3f"), tok_s(fast[side]), compile_cell]
+
+    table = common.md_table(["", "median s, shared process", "min s", "median s, alone", "min s, alone",
+                             "tokens/s (faster median)", "compile s"],
+                            [row("ours", "calm_jax `decoding.generate`", result["compile_s_ours"]),
+                             row("theirs", "transformers `generate`", "-")])
     common.write_run(TITLE, f"""
 {machine.line()}
 - model: random llama, {n_params / 1e6:.1f}M params (hidden {args.hidden}, {args.layers} layers, {args.heads} heads,
   intermediate {args.intermediate}, vocab {args.vocab}), fp32, init std {args.init_std}
 - workload: batch {args.batch}, left-padded prompts of {min(lens)}-{max(lens)} tokens, {args.new} new tokens, greedy,
-  no EOS; median of {args.runs} timed runs after warm-up
+  no EOS; median of {args.runs} timed runs after warm-up, the two sides alternating in one process
+{alone.line()}
 - code: {common.code_version()}; command: `{common.command()}`
 
 {table}
@@ -107,6 +119,49 @@ runs made under similar load.
 """, ratio, machine)
 
   common.report(args, result, write)
+
+
+def _ours(args, model, prompts):
+  """Our greedy generation of args.new tokens per prompt."""
+  from calm_jax import decoding
+
+  def run():
+    return decoding.generate(model, prompts, max_new_tokens=args.new, eos_token_id=[])
+
+  return run
+
+
+def _hf(args, ref, prompts):
+  """transformers' greedy generation of exactly args.new tokens per left-padded prompt."""
+  import torch
+
+  width = max(len(p) for p in prompts)
+  ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+  mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+
+  def run():
+    with torch.inference_mode():
+      out = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new, min_new_tokens=args.new,
+                         do_sample=False, pad_token_id=0)
+    return out[:, width:].tolist()
+
+  return run
+
+
+def _measure(args, runs):
+  """The sides in `runs` (both, or one alone): ours' first call (timed; its compile seconds counted),
+  transformers' warm-up call, ours' second call, then args.runs timed rounds, the sides alternating.
+  Returns ({side: first output}, {side: seconds per run}, ours' first-call s, ours' compile s)."""
+  outs, first_call_s, compile_s = {}, None, None
+  if "ours" in runs:
+    compile_time = common.CompileTime()
+    outs["ours"], first_call_s = common.timed(runs["ours"])
+    compile_s = compile_time.seconds
+  if "theirs" in runs:
+    outs["theirs"] = runs["theirs"]()  # warm-up
+  if "ours" in runs:
+    runs["ours"]()
+  return outs, common.alternate(runs, args.runs), first_call_s, compile_s
 
 
 if __name__ == "__main__":

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from calm_jax.errors import UserError
 from calm_jax.models.config import DecoderConfig
 
 
-class CompositionError(ValueError):
+class CompositionError(UserError):
   """Models or connections that cannot be composed."""
 
 

@@ -18,7 +18,8 @@ import numpy as np
 
 from calm_jax.atomic import atomic_dir
 from calm_jax.models import ConfigError, Decoder, DecoderConfig, flatten, nest, param_specs
-from calm_jax.safetensors_io import AUX_FILES, CheckpointError, CheckpointReader, ShardedWriter
+from calm_jax.safetensors_io import (AUX_FILES, CheckpointError, CheckpointReader, ShardedWriter, dtype_code,
+                                    is_float_code)
 IGNORED_HF = ("rotary_emb.inv_freq",)
 DTYPE_NAMES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -108,6 +109,9 @@ def load_params(path, dtype: str | None = "float32", check_finite: bool = True) 
       problems.append(f"missing tensor {hf}")
     elif tuple(reader.shape(hf)) != shape:
       problems.append(f"tensor {hf} in {reader.location[hf]} has shape {tuple(reader.shape(hf))}, expected {shape}")
+    elif not is_float_code(dtype_code(reader.dtype(hf))):
+      problems.append(f"tensor {hf} in {reader.location[hf]} is {dtype_code(reader.dtype(hf))}, a weight must be "
+                      "floating point")
   allowed = set(expected) | ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
   for hf in reader.keys():
     if hf not in allowed and not hf.endswith(IGNORED_HF):
@@ -122,7 +126,7 @@ def load_params(path, dtype: str | None = "float32", check_finite: bool = True) 
     parts = []
     for hf in hf_tensor_names(cfg)[name]:
       w = reader.get(hf)
-      if check_finite and w.dtype.kind == "f" and not np.isfinite(w.astype(np.float32)).all():
+      if check_finite and not np.isfinite(w.astype(np.float32)).all():
         _fail(path, [f"tensor {hf} in {reader.location[hf]} contains NaN or Inf"])
       parts.append(conv(w))
     arr = np.stack(parts) if name.startswith("layers/") else parts[0]

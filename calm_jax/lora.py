@@ -46,6 +46,7 @@ from flax import nnx
 
 from calm_jax import hf
 from calm_jax.atomic import atomic_dir
+from calm_jax.errors import UserError
 from calm_jax.fingerprint import fingerprint
 from calm_jax.models.config import DecoderConfig
 from calm_jax.models.decoder import DENSE_EQ, Decoder, Hooks, ParamSpec, flatten, forward, nest, param_specs
@@ -57,7 +58,7 @@ ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-class AdapterError(ValueError):
+class AdapterError(UserError):
   """An adapter that does not fit: another base, another rank, missing or extra factors."""
 
 

@@ -18,6 +18,8 @@ from typing import Iterable
 import ml_dtypes
 import numpy as np
 
+from calm_jax.errors import UserError
+
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
@@ -35,7 +37,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 MAX_HEADER = 100 * 1024 * 1024
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
   """A checkpoint that is missing, corrupt, pickled or does not match what was expected."""
 
 
@@ -46,16 +48,27 @@ def dtype_code(dtype) -> str:
   return CODES[dt]
 
 
+def is_float_code(code: str) -> bool:
+  """Whether a safetensors dtype code is a floating-point type (F64 ... F8_E5M2, BF16)."""
+  return code.startswith("F") or code == "BF16"
+
+
 def parse_size(size) -> int:
-  """'2GB' / '500MB' / 123 -> bytes (decimal units, as transformers uses)."""
-  if isinstance(size, int):
-    return size
+  """'2GB' / '500MB' / 123 -> bytes (decimal units, as transformers uses); a ValueError naming the
+  value for anything else (a typo like '2XB', zero or a negative size)."""
   s = str(size).strip().upper()
+  n = None
   for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6),
-                     ("KB", 10**3), ("B", 1)):
+                     ("KB", 10**3), ("B", 1), ("", 1)):
     if s.endswith(unit):
-      return int(float(s[: -len(unit)]) * mult)
-  return int(s)
+      try:
+        n = int(float(s[: len(s) - len(unit)]) * mult)
+      except ValueError:
+        continue
+      break
+  if isinstance(size, bool) or n is None or n < 1:
+    raise ValueError(f"size {size!r}: expected a positive byte count or a size like 2GB, 500MB, 64KiB")
+  return n
 
 
 class SafetensorsFile:
@@ -100,6 +113,17 @@ class SafetensorsFile:
         raise CheckpointError(f"{self.path}: truncated: tensor {name} ends at byte {self.data_start + end}, "
                               f"file has {size}")
       self.entries[name] = (DTYPES[code], shape, begin)
+    # As the format requires (and the `safetensors` library checks): the tensors tile the data
+    # buffer, no two share a byte and none is skipped; else one tensor could read another's bytes.
+    at = 0
+    for name, (dt, shape, begin) in sorted(self.entries.items(), key=lambda kv: (kv[1][2], math.prod(kv[1][1]))):
+      if begin != at:
+        what = "overlaps the tensor before it" if begin < at else f"leaves bytes {at}..{begin} unused before it"
+        raise CheckpointError(f"{self.path}: tensor {name} (data_offsets start {begin}) {what}: corrupt header")
+      at = begin + math.prod(shape) * dt.itemsize
+    if self.data_start + at != size:
+      raise CheckpointError(f"{self.path}: the header indexes {at} bytes of data, the file holds "
+                            f"{size - self.data_start}: corrupt or truncated")
     self._mmap = None
 
   def keys(self) -> list[str]:
@@ -158,6 +182,9 @@ class CheckpointReader:
       except (ValueError, KeyError, TypeError, AttributeError) as e:  # ValueError: bad JSON or UTF-8
         raise CheckpointError(f"{index}: corrupt index ({type(e).__name__}: {e})") from None
       files = sorted(set(weight_map.values()))
+      outside = [f for f in files if Path(f).name != f or f in (".", "..")]
+      if outside:
+        raise CheckpointError(f"{index}: shard file names must be plain names inside {self.dir}, got {outside}")
     elif (self.dir / SINGLE_NAME).exists():
       weight_map, files = None, [SINGLE_NAME]
     else:

@@ -25,6 +25,8 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from calm_jax.errors import UserError
+
 DATA_AXES = ("data", "fsdp")  # axes the batch is split over
 DEFAULT_MESH = (("data", -1), ("fsdp", 1), ("tensor", 1))
 REPLICA = "replica"  # devices a config leaves over hold copies (`mesh_shape`)
@@ -49,7 +51,7 @@ DEFAULT_RULES = (
 )
 
 
-class ShardingError(ValueError):
+class ShardingError(UserError):
   """A mesh, rule set or batch that cannot be laid out on the devices."""
 
 

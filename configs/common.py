@@ -61,4 +61,7 @@ def add_common(c: ml_collections.ConfigDict, *, steps: int, batch_size: int) -> 
   c.eval_every = 0
   c.tensorboard = True
   c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=2))
+  # True: resume a checkpoint although the config differs from the one it was made with (the
+  # changes are recorded in checkpoints/meta.json); False: such a resume is refused, naming them.
+  c.resume_with_changes = False
   return c

@@ -7,7 +7,7 @@ experiment with its shipped config: merging (configs/merge/suite.py), Transforme
 key-value arithmetic (configs/calm/kv_arithmetic.py, its own m_A and m_B). Each writes
 results.json + results.png into its directory under --workdir; a finished step is reused.
 """
-from absl import app, flags, logging
+from absl import flags, logging
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "where every experiment writes its results")
 
@@ -67,6 +67,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from calm_jax.malloc import reexec_tuned
-  reexec_tuned("launch.demo")  # a tuned glibc allocator (calm_jax/malloc.py): faster XLA steps on the CPU
-  app.run(main)
+  from launch.common import run
+  run(main, "launch.demo", reexec_module="launch.demo")  # tuned glibc allocator: faster XLA steps on the CPU

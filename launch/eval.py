@@ -43,4 +43,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from launch.common import run
+  run(main, "launch.eval")

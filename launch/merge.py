@@ -24,27 +24,20 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   from calm_jax import compile_cache
-  from calm_jax.atomic import OutputExistsError
-  from calm_jax.safetensors_io import CheckpointError
-  from merging.options import MergeError
   compile_cache.enable(_CACHE.value)  # a second merge of the same shapes loads its kernels
-  try:
-    if _YAML.value:
-      if _CONFIG.value is not None or not _OUT.value:
-        raise app.UsageError("--mergekit_yaml takes --out (and no --config)")
-      from merging.mergekit_yaml import run_mergekit_yaml
-      out = run_mergekit_yaml(_YAML.value, _OUT.value, overwrite=_OVERWRITE.value, seed=_SEED.value)
-    elif _CONFIG.value is not None:
-      from merging.cli import run_config
-      out = run_config(_CONFIG.value)
-    else:
-      raise app.UsageError("give --config=configs/merge/<method>.py or --mergekit_yaml=FILE.yml --out=DIR")
-  except (MergeError, CheckpointError, OutputExistsError) as e:
-    raise SystemExit(f"merge failed: {e}") from None
+  if _YAML.value:
+    if _CONFIG.value is not None or not _OUT.value:
+      raise app.UsageError("--mergekit_yaml takes --out (and no --config)")
+    from merging.mergekit_yaml import run_mergekit_yaml
+    out = run_mergekit_yaml(_YAML.value, _OUT.value, overwrite=_OVERWRITE.value, seed=_SEED.value)
+  elif _CONFIG.value is not None:
+    from merging.cli import run_config
+    out = run_config(_CONFIG.value)
+  else:
+    raise app.UsageError("give --config=configs/merge/<method>.py or --mergekit_yaml=FILE.yml --out=DIR")
   print(f"merged model written to {out}")
 
 
 if __name__ == "__main__":
-  from calm_jax.malloc import reexec_tuned
-  reexec_tuned("launch.merge")  # a tuned glibc allocator (calm_jax/malloc.py): buffers reused across tensors
-  app.run(main)
+  from launch.common import run
+  run(main, "launch.merge", reexec_module="launch.merge")  # tuned glibc allocator: buffers reused across tensors

@@ -1,5 +1,9 @@
-"""python -m launch.train --config=configs/<...>.py[:arg] --workdir=DIR [--config.x=v ...]"""
-from absl import app, flags, logging
+"""python -m launch.train --config=configs/<...>.py[:arg] --workdir=DIR [--config.x=v ...]
+
+The workdir is locked for the run and must be new, empty, or one of our runs (a model directory or
+anything else is refused, never overwritten); a run of the same config there resumes.
+"""
+from absl import flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
@@ -13,13 +17,15 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   from calm_jax.distributed import maybe_initialize_distributed
   from calm_jax.registry import get_method
+  from calm_jax.train.workdir import run_in_workdir
   from launch.methods import import_methods
   maybe_initialize_distributed()
   import_methods()
-  get_method(_CONFIG.value.method)(_CONFIG.value, _WORKDIR.value)
+  method = get_method(_CONFIG.value.method)
+  with run_in_workdir(_WORKDIR.value, _CONFIG.value):
+    method(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  from calm_jax.malloc import reexec_tuned
-  reexec_tuned("launch.train")  # a tuned glibc allocator (calm_jax/malloc.py): faster XLA steps on the CPU
-  app.run(main)
+  from launch.common import run
+  run(main, "launch.train", reexec_module="launch.train")  # tuned glibc allocator: faster XLA steps on the CPU

@@ -347,6 +347,15 @@ class Merger:
       bad = [self.source.where(i - 1, name) for i in np.flatnonzero(~finite)]
       raise MergeError(f"NaN or Inf in {'; '.join(bad)}")
 
+  def _check_output(self, p: TensorPlan, nonfinite: int) -> None:
+    """A merged (or cast) tensor with NaN / Inf entries is never written: the options made it overflow."""
+    if nonfinite:
+      opts = self.opts
+      dtype = opts.out_dtype or np.dtype(p.dtype).name
+      raise MergeError(f"merged tensor {p.name} has {nonfinite} of {int(np.prod(p.shape))} entries NaN or Inf in "
+                       f"{dtype} (lam={opts.lam}, weights={list(self.weights)}): the options overflow the "
+                       f"output dtype; nothing was written")
+
   def _fetch(self, plans: list[TensorPlan]) -> None:
     """Reads ahead what processing `plans` reads: every model's tensors, the base's alone where kept."""
     for i in (-1, *range(self.source.num_models)):
@@ -419,11 +428,15 @@ class Merger:
     for p in self._bar("merge", self.plans):
       if not p.merge:
         base = self.source.get(-1, p.name)
-        yield p, (base.astype(opts.out_dtype) if opts.out_dtype and is_float(p.dtype) else base)
+        if opts.out_dtype and is_float(p.dtype):
+          base = base.astype(opts.out_dtype)
+          self._check_output(p, int(np.size(base) - np.isfinite(base).sum()))
+        yield p, base
         continue
       merged, st = self._merge(p, key)
       self.source.release(p.name)
       self._check_finite(p.name, st["finite"])
+      self._check_output(p, int(st["out_nonfinite"]))
       self.report.tensor(p, st)
       yield p, merged
 

@@ -253,17 +253,18 @@ def _weighted_sum(base, models, weights, lam, spec: KernelSpec, out_dtype):
     d = jnp.sum(weights)
     acc = acc / jnp.where(jnp.abs(d) < 1e-8, 1.0, d)
   merged32 = b + acc * lam
-  stats = _merge_stats(b, models, tau, [(t != 0).astype(jnp.int32) for t in tau], merged32 - b)
-  return merged32.astype(out_dtype), stats
+  merged = merged32.astype(out_dtype)
+  return merged, _merge_stats(b, models, tau, [(t != 0).astype(jnp.int32) for t in tau], merged32 - b, merged)
 
 
-def _merge_stats(b, models, tau, contributes, delta):
-  """A merged tensor's statistics (`merge_tensor`) in one `_sums` pass; contributes: int32 0/1 per model."""
+def _merge_stats(b, models, tau, contributes, delta, merged):
+  """A merged tensor's statistics (`merge_tensor`) in one `_sums` pass; contributes: int32 0/1 per model;
+  merged: the result in its storage dtype, whose NaN / Inf entries (an overflow of the cast) are counted."""
   t_count = len(tau)
   sums = _sums([t * t for t in tau] + _nonfinite([b, *(m.astype(F32) for m in models)]) + contributes
-               + [jnp.square(delta)])
+               + [jnp.square(delta)] + _nonfinite([merged]))
   return {"sq": jnp.stack(sums[:t_count]), "finite": jnp.stack(sums[t_count: 2 * t_count + 1]) == 0,
-          "kept": jnp.stack(sums[2 * t_count + 1: -1]), "delta_sq": sums[-1]}
+          "kept": jnp.stack(sums[2 * t_count + 1: -2]), "delta_sq": sums[-2], "out_nonfinite": sums[-1]}
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "n", "offsets"))
@@ -276,7 +277,8 @@ def merge_tensor(base, models, weights, lam, thresholds, key, *, spec: KernelSpe
   key: the tensor's DARE key (`tensor_key`); n: the true size of zero-padded inputs (the merged
   tensor has n entries, the statistics cover them only); offsets: as `_cut`. Returns (merged in the storage dtype,
   {"kept": entries of each model that contribute [T], "delta_sq": ‖merged − θ_0‖² in fp32,
-  "sq": ‖τ_i‖² [T], "finite": [T+1]}).
+  "sq": ‖τ_i‖² [T], "finite": [T+1] (inputs without NaN / Inf), "out_nonfinite": NaN / Inf entries of
+  the merged tensor in its storage dtype}).
   """
   base, models = _cut(base, models, offsets)
   out_dtype = jnp.dtype(spec.out_dtype) if spec.out_dtype else base.dtype
@@ -296,6 +298,6 @@ def merge_tensor(base, models, weights, lam, thresholds, key, *, spec: KernelSpe
   delta = merged32 - b
   if valid is not None:  # "linear" counts every entry of a weighted model
     contributes, delta = [c & valid for c in contributes], jnp.where(valid, delta, 0.0)
-  stats = _merge_stats(b, models, tau, [c.astype(jnp.int32) for c in contributes], delta)
   merged = merged32.astype(out_dtype)
+  stats = _merge_stats(b, models, tau, [c.astype(jnp.int32) for c in contributes], delta, merged)
   return (merged if valid is None else merged[:n]), stats

@@ -38,8 +38,13 @@ model-wide majority sign; this only matters on exact cancellation of non-zero en
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any, Sequence
+
+import numpy as np
+
+from calm_jax.errors import UserError
 
 METHODS = ("average", "task_arithmetic", "ties", "dare", "dare_ties", "metagpt")
 CONVENTIONS = ("paper", "mergekit")
@@ -48,7 +53,7 @@ VOCAB_POLICIES = ("truncate", "exclude")
 DEFAULT_VOCAB_REGEX = r"(^|[./])(embed_tokens|embed|lm_head|wte)([./]weight)?$"
 
 
-class MergeError(ValueError):
+class MergeError(UserError):
   """Inputs that cannot be merged, or options that do not make sense."""
 
 
@@ -144,11 +149,22 @@ class MergeOptions:
     return {key: v for key, v in d.items() if key not in unused}
 
 
+def _number(name, value) -> float:
+  """A finite float, or a MergeError naming the option (NaN and Inf weights would poison every tensor)."""
+  try:
+    x = float(value)
+  except (TypeError, ValueError):
+    raise MergeError(f"{name}={value!r}: expected a number") from None
+  if not math.isfinite(x):
+    raise MergeError(f"{name}={value!r}: must be a finite number")
+  return x
+
+
 def _per_model(name, value, n) -> tuple[float, ...]:
-  vals = [float(value)] * n if isinstance(value, (int, float)) else [float(v) for v in value]
-  if len(vals) != n:
-    raise MergeError(f"{name}: {len(vals)} values for {n} models")
-  return tuple(vals)
+  values = [value] * n if isinstance(value, (int, float, str)) else list(value)
+  if len(values) != n:
+    raise MergeError(f"{name}: {len(values)} values for {n} models")
+  return tuple(_number(f"{name}[{i}]" if n > 1 else name, v) for i, v in enumerate(values))
 
 
 def _strings(name, value) -> tuple[str, ...]:
@@ -192,6 +208,9 @@ def resolve(method: str, num_models: int, *, weights: Sequence[float] | float | 
   if not all(0 <= p < 1 for p in drop_rate):
     raise MergeError(f"drop_rate must be in [0, 1), got {drop_rate}")
   w = _per_model("weights", 1.0 if weights is None else weights, num_models)
+  lam = _number("lam", lam)
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    raise MergeError(f"seed={seed!r}: expected an integer >= 0")
   if method == "average" and sum(w) == 0:
     raise MergeError(f"average: the weights {w} sum to 0")
 

@@ -21,6 +21,7 @@ process when the call returns.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import shutil
@@ -34,8 +35,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from calm_jax import malloc
-from calm_jax.atomic import atomic_dir, check_writable
-from calm_jax.safetensors_io import AUX_FILES, ShardedWriter
+from calm_jax.atomic import atomic_dir, check_output, exclusive
+from calm_jax.safetensors_io import AUX_FILES, ShardedWriter, parse_size
 from merging.direct_io import BackgroundWriter, DirectFile, StreamingReader
 from merging.engine import Merger, is_float
 from merging.options import MergeError, resolve_checked
@@ -213,21 +214,33 @@ def merge_checkpoints(base, models: Sequence, out, method: str = "metagpt", *, o
   bad input before any output exists.
   """
   main = jax.process_index() == 0
-  out = check_writable(out, overwrite)  # on every process, so all fail alike before any collective
+  base_dir, model_dirs = Path(base), [Path(m) for m in models]
+  # before any work, on every process, so all fail alike before any collective
+  opts = resolve_checked(method, len(model_dirs), options)
+  try:
+    parse_size(max_shard_size)
+  except ValueError as e:
+    raise MergeError(f"max_shard_size: {e}") from None
+  if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1):
+    raise MergeError(f"chunk={chunk!r}: expected a positive number of entries per piece, or None (whole tensors)")
+  out = check_output(out, overwrite=overwrite, inputs=[base_dir, *model_dirs])
+  with exclusive(out) if main else contextlib.nullcontext():  # a second merge into `out` fails at once
+    return _merge(base_dir, model_dirs, out, opts, main, overwrite=overwrite, max_shard_size=max_shard_size,
+                  progress=progress, mesh=mesh, pipeline=pipeline, low_memory=low_memory, chunk=chunk)
+
+
+def _merge(base_dir, model_dirs, out, opts, main, *, overwrite, max_shard_size, progress, mesh, pipeline,
+           low_memory, chunk) -> Path:
+  method = opts.method
   low_memory = not malloc.is_tuned() if low_memory is None else low_memory
   if low_memory:
     malloc.return_freed_memory()
-  base_dir, model_dirs = Path(base), [Path(m) for m in models]
-  for d in (base_dir, *model_dirs):
-    if d.absolute() == out:
-      raise MergeError(f"output {out} is one of the input models")
   base_cfg = check_architectures(base_dir, model_dirs)
   # direct reads allocate in the read-ahead thread: under glibc's defaults that thread's arena keeps
   # what the main thread frees (peak RSS above one model in tests/test_merging_memory.py)
   source = CheckpointSource(base_dir, model_dirs, direct=low_memory or malloc.is_tuned())
   try:
-    merger = Merger(source, resolve_checked(method, len(model_dirs), options), progress=progress, mesh=mesh,
-                    prefetch=pipeline, chunk=chunk)
+    merger = Merger(source, opts, progress=progress, mesh=mesh, prefetch=pipeline, chunk=chunk)
     merger.report.set_models(model_dirs)
     merger.report.data["base"] = str(base_dir)
     merger.report.data["allocator"] = "low_memory" if low_memory else "tuned" if malloc.is_tuned() else "default"

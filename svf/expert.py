@@ -13,10 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
+from calm_jax.errors import UserError
+
 FORMAT = "svf-expert-v1"
 
 
-class ExpertMismatchError(ValueError):
+class ExpertMismatchError(UserError):
   pass
 
 

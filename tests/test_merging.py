@@ -26,7 +26,7 @@ import pytest
 import safetensors.numpy
 
 import merging
-from calm_jax.atomic import OutputExistsError
+from calm_jax.atomic import OutputError, OutputExistsError
 from calm_jax.models import nest
 from merging import MergeError, kernels
 
@@ -419,7 +419,7 @@ def test_stream_output_exists(zoo, tmp_path):
   with pytest.raises(OutputExistsError, match="already exists"):
     merging.merge_checkpoints(base, fts, out, "average", progress=False)
   assert (out / "keep.txt").read_text() == "mine"
-  with pytest.raises(MergeError, match="is one of the input models"):
+  with pytest.raises(OutputError, match="is one of the inputs"):
     merging.merge_checkpoints(base, fts, fts[0], "average", overwrite=True, progress=False)
 
 

@@ -8,14 +8,32 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
+
+from calm_jax.errors import UserError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
   """A config.json this decoder family cannot represent."""
+
+
+def _positive_int(d: dict, key: str) -> int:
+  """d[key] as an int >= 1, or a ConfigError naming the key and the value (not a ZeroDivisionError later)."""
+  v = d[key]
+  if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or v < 1:
+    raise ConfigError(f"{key}={v!r}: expected a positive integer")
+  return int(v)
+
+
+def _positive_float(d: dict, key: str) -> float:
+  v = d[key]
+  if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+    raise ConfigError(f"{key}={v!r}: expected a positive number")
+  return float(v)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,9 +91,19 @@ class DecoderConfig:
     missing = [k for k in req if d.get(k) is None]
     if missing:
       raise ConfigError(f"config.json lacks {', '.join(missing)}")
+    for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+      _positive_int(d, k)
+    for k in ("num_key_value_heads", "head_dim", "max_position_embeddings"):
+      if d.get(k) is not None:
+        _positive_int(d, k)
+    for k in ("rms_norm_eps", "rope_theta"):
+      if d.get(k) is not None:
+        _positive_float(d, k)
     n_layers = d["num_hidden_layers"]
     n_heads = d["num_attention_heads"]
     head_dim = d.get("head_dim") or d["hidden_size"] // n_heads
+    if not head_dim:
+      raise ConfigError(f"hidden_size={d['hidden_size']} is smaller than num_attention_heads={n_heads}: no head_dim")
 
     rope = dict(d.get("rope_parameters") or {})
     legacy = d.get("rope_scaling") or {}
@@ -148,11 +176,15 @@ class DecoderConfig:
 
   @classmethod
   def from_json_file(cls, path) -> "DecoderConfig":
-    with open(path) as f:
-      try:
+    try:
+      with open(path) as f:
         d = json.load(f)
-      except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    except IsADirectoryError:
+      raise ConfigError(f"{path}: is a directory, not a config file") from None
+    except OSError as e:
+      raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
     if not isinstance(d, dict):
       raise ConfigError(f"{path}: not a JSON object")
     try:

@@ -9,16 +9,21 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from calm_jax.errors import UserError
 
-class NonFiniteError(FloatingPointError):
+
+class NonFiniteError(UserError, FloatingPointError):
   """A NaN or Inf in training metrics: the run stops with this message."""
 
 
-def check_finite(step: int, metrics: dict) -> None:
+def check_finite(step: int, metrics: dict, nonfinite_params: int = 0) -> None:
+  """Stops the run before a non-finite state is logged as fine or checkpointed."""
   bad = {k: v for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)}
+  if nonfinite_params:
+    bad["non-finite parameter entries"] = nonfinite_params
   if bad:
-    raise NonFiniteError(f"non-finite metrics at step {step}: {bad}; stopping (lower the learning rate, "
-                         "check the data, or enable gradient clipping)")
+    raise NonFiniteError(f"non-finite metrics at step {step}: {bad}; stopping before this state is saved "
+                         "(lower the learning rate, check the data, or enable gradient clipping)")
 
 
 class MetricWriter:

@@ -14,22 +14,27 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import re
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
 from calm_jax import sharding
+from calm_jax.atomic import atomic_write_text
+from calm_jax.errors import UserError
 from calm_jax.fingerprint import structure_fingerprint
 from calm_jax.train.checkpoint import Checkpointer
 from calm_jax.train.metrics import MetricWriter, check_finite
 from calm_jax.train.optim import make_optimizer, schedule
+from calm_jax.train.workdir import identity, run_in_workdir
 
 
 @dataclasses.dataclass
@@ -46,7 +51,7 @@ def path_name(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
-class CoverageError(ValueError):
+class CoverageError(UserError):
   """A parameter that is neither trainable nor frozen on purpose, or a frozen regex that freezes nothing."""
 
 
@@ -121,10 +126,19 @@ def train(model: nnx.Module, *, trainable, loss_fn: Callable, batch_fn: Callable
 
   Config keys: steps, batch_size, seed, frozen (regexes), optimizer (see optim.make_optimizer),
   mesh (`sharding.mesh_shape`), rules, log_every, eval_every, checkpoint.every, checkpoint.keep,
-  tensorboard.
+  tensorboard, resume_with_changes. The config is validated before any work; the workdir must be
+  new, empty or one of our runs, and is locked for the run (`workdir.run_in_workdir`); a checkpoint
+  there is resumed only if it is of the same config (`workdir.identity`).
   """
+  validate_config(config)
+  with run_in_workdir(workdir, config) as workdir:
+    return _train(model, trainable=trainable, loss_fn=loss_fn, batch_fn=batch_fn, config=config, workdir=workdir,
+                  frozen=frozen, eval_fn=eval_fn, meta=meta, mesh=mesh, quiet=quiet)
+
+
+def _train(model, *, trainable, loss_fn, batch_fn, config, workdir: Path, frozen, eval_fn, meta, mesh,
+           quiet) -> TrainResult:
   t0 = time.time()
-  workdir = Path(workdir)
   mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh, batch_size=int(config.batch_size))
   rules = sharding.rules_from_config(config.rules)
   dp = sharding.data_parallel_size(mesh)
@@ -136,12 +150,13 @@ def train(model: nnx.Module, *, trainable, loss_fn: Callable, batch_fn: Callable
 
   meta = {**(meta or {}), "method": config.get("method", ""),
           "trainable": structure_fingerprint(nnx.to_pure_dict(trainable)),
-          "frozen": structure_fingerprint(nnx.to_pure_dict(frozen))}
+          "frozen": structure_fingerprint(nnx.to_pure_dict(frozen)), "config": identity(config)}
   ckpt = Checkpointer(workdir, every=config.checkpoint.every, keep=config.checkpoint.keep, meta=meta)
-  ckpt.check_compatible()
-  if jax.process_index() == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config_to_json(config))
+  changes = ckpt.check_compatible(bool(config.resume_with_changes))
+  if jax.process_index() == 0:  # the config of the first steps is never overwritten
+    name = f"config.resumed-{ckpt.latest_step()}.json" if changes else "config.json"
+    if changes or ckpt.latest_step() is None or not (workdir / "config.json").exists():
+      atomic_write_text(workdir / name, config_to_json(config))
 
   trainable = jax.device_put(trainable, sharding.shardings_for_state(trainable, mesh, rules))
   frozen = jax.device_put(frozen, sharding.shardings_for_state(frozen, mesh, rules))
@@ -186,7 +201,9 @@ def train(model: nnx.Module, *, trainable, loss_fn: Callable, batch_fn: Callable
     (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
-    return trainable, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
+    nonfinite = sum(jnp.sum(~jnp.isfinite(x)) for x in jax.tree.leaves(trainable))
+    return trainable, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics,
+                                  NONFINITE: nonfinite}
 
   writer = MetricWriter(workdir, tensorboard=config.tensorboard)
   log_every = int(config.log_every)
@@ -200,10 +217,12 @@ def train(model: nnx.Module, *, trainable, loss_fn: Callable, batch_fn: Callable
       batch = sharding.shard_batch(process_rows(batch_fn(step)), mesh)
       trainable, opt_state, m = step_fn(trainable, opt_state, frozen, batch, jax.random.fold_in(base_key, step))
       done = step + 1
-      if done % log_every == 0 or done == total:
-        metrics = {k: float(v) for k, v in jax.device_get(m).items()}
-        check_finite(done, metrics)
-        metrics["lr"] = float(lr_at(step))
+      log = done % log_every == 0 or done == total
+      if log or done % ckpt.every == 0:  # every logged state and every saved one is checked first
+        now = {k: float(v) for k, v in jax.device_get(m).items()}
+        check_finite(done, now, nonfinite_params=int(now.pop(NONFINITE)))
+      if log:
+        metrics = {**now, "lr": float(lr_at(step))}
         writer.write(done, metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}")
       if eval_fn is not None and eval_every and (done % eval_every == 0 or done == total):
@@ -218,6 +237,46 @@ def train(model: nnx.Module, *, trainable, loss_fn: Callable, batch_fn: Callable
   ckpt.close()
   model = nnx.merge(graphdef, trainable, frozen)
   return TrainResult(model, total, metrics, evals, time.time() - t0, resumed)
+
+
+NONFINITE = "nonfinite_params"  # a step's NaN / Inf count over the updated trainable state
+
+
+class TrainConfigError(UserError):
+  """A training config value that cannot run (a negative step count, a NaN learning rate, ...)."""
+
+
+def validate_config(config) -> None:
+  """Refuses, naming every bad key, the training configs that would train nothing or nonsense."""
+  problems = []
+
+  def integer(key, value, low):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+      problems.append(f"{key}={value!r} (an integer >= {low})")
+
+  def number(key, value, low, high=math.inf, open_high=False):
+    ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < low or value > high or (open_high and value == high):
+      problems.append(f"{key}={value!r} (a finite number in [{low}, {high}{')' if open_high else ']'})")
+
+  integer("steps", config.steps, 1)
+  integer("batch_size", config.batch_size, 1)
+  integer("log_every", config.log_every, 1)
+  integer("eval_every", config.eval_every, 0)
+  integer("checkpoint.every", config.checkpoint.every, 1)
+  integer("checkpoint.keep", config.checkpoint.keep, 1)
+  o = config.optimizer
+  number("optimizer.lr", o.lr, 0.0)
+  integer("optimizer.warmup_steps", o.warmup_steps, 0)
+  number("optimizer.final_lr_fraction", o.final_lr_fraction, 0.0)
+  number("optimizer.weight_decay", o.weight_decay, 0.0)
+  number("optimizer.clip_norm", o.clip_norm, 0.0)
+  number("optimizer.b1", o.b1, 0.0, 1.0, open_high=True)
+  number("optimizer.b2", o.b2, 0.0, 1.0, open_high=True)
+  number("optimizer.eps", o.eps, 0.0)
+  if problems:
+    raise TrainConfigError(f"config{(' ' + config.method) if config.get('method') else ''}: "
+                           f"{'; '.join(problems)}; nothing was run")
 
 
 def process_rows(batch):
