@@ -106,6 +106,8 @@ def check_output(out, *, overwrite: bool = False, inputs=()) -> Path:
   parent = out.parent
   while not parent.exists() and parent != parent.parent:
     parent = parent.parent
+  if not parent.is_dir():
+    raise OutputError(f"cannot write {out}: {parent} is not a directory")
   if not os.access(parent, os.W_OK | os.X_OK):
     raise OutputError(f"cannot write {out}: {parent} is not writable")
   return out
@@ -193,14 +195,25 @@ def atomic_dir(out_dir, overwrite: bool = False, inputs=()):
       os.rename(tmp, out)
 
 
+@contextlib.contextmanager
+def atomic_file(path, inputs=()):
+  """Yields a temporary sibling path to write the file `path` to; on success it replaces `path` (no
+  reader ever sees a partial file), on error it is removed. Locked and checked like `atomic_dir`
+  (an existing file is replaced: a file output is a run's own, rewritten as it improves)."""
+  path = check_output(path, overwrite=True, inputs=inputs)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with exclusive(path):
+    clean_stale_siblings(path)
+    tmp = _tmp_sibling(path, "tmp")
+    try:
+      yield tmp
+      os.replace(tmp, path)
+    except BaseException:
+      with contextlib.suppress(OSError):
+        tmp.unlink()
+      raise
+
+
 def atomic_write_text(path, text: str) -> None:
-  path = Path(path)
-  clean_stale_siblings(path)
-  tmp = _tmp_sibling(path, "tmp")
-  try:
+  with atomic_file(path) as tmp:
     tmp.write_text(text)
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      tmp.unlink()
-    raise

@@ -166,7 +166,7 @@ def save_params(cfg: DecoderConfig, params: dict, out_dir, *, max_shard_size="2G
   hf_cfg = cfg.to_hf()
   hf_cfg["dtype"] = str(np.dtype(items[0][2])) if target is None else dtype
   hf_cfg.pop("torch_dtype", None)
-  with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+  with atomic_dir(out_dir, overwrite=overwrite, inputs=[copy_from]) as tmp:
     if copy_from is not None:
       for f in AUX_FILES:
         src = Path(copy_from) / f

@@ -387,7 +387,12 @@ def load_adapter(path, base_params=None, *, rank: int | None = None, cfg: Decode
   cfg_path = path / ADAPTER_CONFIG
   if not cfg_path.exists():
     raise AdapterError(f"{path}: no {ADAPTER_CONFIG} (not an adapter directory)")
-  meta = json.loads(cfg_path.read_text())
+  try:
+    meta = json.loads(cfg_path.read_text())
+    if not isinstance(meta, dict) or not {"targets", "rank", "alpha"} <= set(meta):
+      raise ValueError("needs an object with targets, rank and alpha")
+  except (ValueError, UnicodeDecodeError) as e:
+    raise AdapterError(f"{cfg_path}: corrupt adapter config ({e})") from None
   if base_params is not None:
     fp = fingerprint(base_params)
     if meta.get("base_fingerprint") != fp:

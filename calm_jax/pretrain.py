@@ -22,6 +22,7 @@ from calm_jax.registry import register_method
 from calm_jax.tasks import TASK_SETTINGS_FILE, mixture_batches, task_registry, task_settings
 from calm_jax.tokenizers import CharTokenizer
 from calm_jax.train import lm_batch_loss, train
+from calm_jax.train.workdir import check_finished
 
 
 def base_hf_dir(base_workdir, pretrain_config, fallback=None) -> Path:
@@ -42,6 +43,7 @@ def run(config, workdir) -> dict:
   results_path = workdir / "results.json"
   hf_dir = workdir / "hf"
   if config.reuse and results_path.exists() and (hf_dir / "config.json").exists():
+    check_finished(workdir, config, "base")  # the same config, or refused naming what differs
     print(f"reusing the finished base in {hf_dir}")
     return json.loads(results_path.read_text())
   t0 = time.time()

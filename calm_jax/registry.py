@@ -1,10 +1,13 @@
 """String registry of runnable methods: `config.method` names one.
 
 Method packages register a `run(config, workdir) -> results dict` function here; the core
-never imports a method package (the launch entry points do).
+never imports a method package (the launch entry points do). However a method is started (an
+entry point, a test, another method running it for a part), its workdir is checked, locked and
+marked as one of our runs for the duration (`calm_jax.train.workdir.run_in_workdir`).
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 _METHODS: dict[str, Callable] = {}
@@ -12,10 +15,19 @@ _METHODS: dict[str, Callable] = {}
 
 def register_method(name: str):
   def deco(fn):
-    if name in _METHODS and _METHODS[name] is not fn:
+    if name in _METHODS:
       raise ValueError(f"method {name!r} registered twice")
-    _METHODS[name] = fn
-    return fn
+
+    @functools.wraps(fn)
+    def run(config, workdir):
+      if workdir is None:  # an evaluation that writes nothing
+        return fn(config, workdir)
+      from calm_jax.train.workdir import run_in_workdir
+      with run_in_workdir(workdir, config):
+        return fn(config, workdir)
+
+    _METHODS[name] = run
+    return run
   return deco
 
 

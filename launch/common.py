@@ -69,9 +69,10 @@ def check_config_overrides(argv, prog: str) -> None:
       walked.append(part)
 
 
-def run(main, prog: str, reexec_module: str | None = None) -> None:
+def run(main, prog: str, reexec_module: str | None = None, where=lambda: None) -> None:
   """Runs an absl `main` as an entry point (see the module docstring); `reexec_module`: re-execute
-  the process under the tuned allocator first (`calm_jax.malloc.reexec_tuned`)."""
+  the process under the tuned allocator first (`calm_jax.malloc.reexec_tuned`); `where()`: the
+  output the run writes, named when the machine refuses a write that names no file."""
   if reexec_module:
     from calm_jax.malloc import reexec_tuned
     reexec_tuned(reexec_module)
@@ -89,7 +90,7 @@ def run(main, prog: str, reexec_module: str | None = None) -> None:
     except KeyboardInterrupt as e:
       _fail(prog, f"interrupted ({e or 'SIGINT'}); temporary outputs were removed", 130)
     except OSError as e:
-      message = os_message(e)
+      message = os_message(e, where())
       if message is None:
         raise
       _fail(prog, message)

@@ -40,4 +40,6 @@ def main(argv):
 
 if __name__ == "__main__":
   from launch.common import run
-  run(main, "launch.merge", reexec_module="launch.merge")  # tuned glibc allocator: buffers reused across tensors
+  # under the tuned glibc allocator: buffers reused across tensors
+  run(main, "launch.merge", reexec_module="launch.merge",
+      where=lambda: _OUT.value or (_CONFIG.value.out if _CONFIG.value is not None else None))

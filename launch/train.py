@@ -17,15 +17,13 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   from calm_jax.distributed import maybe_initialize_distributed
   from calm_jax.registry import get_method
-  from calm_jax.train.workdir import run_in_workdir
   from launch.methods import import_methods
   maybe_initialize_distributed()
   import_methods()
-  method = get_method(_CONFIG.value.method)
-  with run_in_workdir(_WORKDIR.value, _CONFIG.value):
-    method(_CONFIG.value, _WORKDIR.value)
+  get_method(_CONFIG.value.method)(_CONFIG.value, _WORKDIR.value)  # checks, locks and marks the workdir
 
 
 if __name__ == "__main__":
   from launch.common import run
-  run(main, "launch.train", reexec_module="launch.train")  # tuned glibc allocator: faster XLA steps on the CPU
+  # under the tuned glibc allocator: faster XLA steps on the CPU
+  run(main, "launch.train", reexec_module="launch.train", where=lambda: _WORKDIR.value)

@@ -23,6 +23,7 @@ from calm_jax.safetensors_io import CheckpointError, CheckpointReader, Safetenso
 
 MIN_READAHEAD = 128 << 10   # Linux's default read-ahead window (read_ahead_kb = 128)
 BLOCK = 4096  # a multiple of every device's logical block size in use
+ALIGN = 64  # where XLA on the CPU takes a host buffer without a copy (merging.engine.ALIGN)
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,6 +92,29 @@ class StreamingReader(CheckpointReader):
       return False
     finally:
       os.close(fd)
+
+  def read(self, name) -> np.ndarray:
+    """The tensor copied from the file (through the page cache) into a new 64-byte-aligned array.
+
+    Unlike a view of the memory map, a file that shrinks while it is read (another job rewriting a
+    checkpoint) gives a `CheckpointError` naming it, not a bus error that kills the process.
+    """
+    if name not in self.location:
+      raise CheckpointError(f"{self.dir}: missing tensor {name}")
+    f = self._file(name)
+    start, end = f.span(name)
+    dt, shape, _ = f.entries[name]
+    raw = np.empty(end - start + ALIGN, np.uint8)
+    skip = -raw.ctypes.data % ALIGN
+    buf, got = raw[skip: skip + end - start], 0
+    with open(f.path, "rb", buffering=0) as fh:
+      while got < end - start:
+        n = os.preadv(fh.fileno(), [memoryview(buf[got:])], start + got)
+        if n <= 0:
+          raise CheckpointError(f"{f.path}: the file shrank while tensor {name} was read (bytes {start}..{end}); "
+                                "is another job rewriting it?")
+        got += n
+    return buf.view(dt).reshape(shape)
 
   def runs(self, names, max_bytes: int, max_gap: int = 1 << 20) -> list[list[str]]:
     """`names` (in order) cut into runs that one read can fetch: tensors of one file, each starting

@@ -1,8 +1,9 @@
 """Streaming merge of Hugging Face safetensors checkpoints, tensor by tensor.
 
-Inputs are read through `CheckpointReader` memory maps (single file or shards + index), so a
-tensor costs memory only while it is merged; peak memory is a few tensors (the base, one per
-model, fp32 temporaries) plus the write buffer, not the model. Methods with global statistics
+Inputs are read tensor by tensor (`StreamingReader`: single file or shards + index), copied into
+memory rather than mapped, so a file that shrinks under the merge is an error naming it, not a bus
+error; a tensor costs memory only while it is merged, and peak memory is a few tensors (the base,
+one per model, fp32 temporaries) plus the write buffer, not the model. Methods with global statistics
 (MetaGPT, global TIES trim) read the inputs once more per statistics pass (see `engine`).
 
 The output is an HF directory: config.json and the tokenizer / generation files copied from
@@ -58,8 +59,8 @@ class CheckpointSource:
   out, at most one largest tensor's inputs ahead (that memory counts in RSS); `get` waits for a read in
   flight. Cold inputs of the 0.48B benchmark: 4.3-4.5 s to read this way, 6.9-8.1 s through the page
   cache. A tensor not read ahead (the first, one the merge reached first, one in the page cache)
-  comes from the memory map, and where the file system refuses O_DIRECT the read-ahead only asks
-  the OS to fill the page cache. Reads are large and concurrent: tensors stored one after the other
+  is copied from the file when `get` asks for it (`StreamingReader.read`), and where the file system
+  refuses O_DIRECT the read-ahead only asks the OS to fill the page cache. Reads are large and concurrent: tensors stored one after the other
   are read in one request (`StreamingReader.runs`), in `io_threads` threads (one file per model
   at once). On the benchmark VM's disk four concurrent 64 MB direct reads moved 1.6-2.2 GB/s, one
   at a time 0.9-1.6 GB/s, four concurrent 8 MB ones 0.9-1.0 GB/s. Call `close` when done.
@@ -100,7 +101,7 @@ class CheckpointSource:
       while self._read.get((i, name)) is _READING:
         self._cv.wait()
       x = self._read.setdefault((i, name), _CONSUMED)
-    return self.readers[i].get(name) if x is _CONSUMED else x
+    return self.readers[i].read(name) if x is _CONSUMED else x
 
   def prefetch(self, i, names):
     """Starts reading model i's tensors `names` (consecutive in the merge's order) ahead: `direct`,

@@ -34,6 +34,7 @@ from calm_jax.registry import register_method
 from calm_jax.tasks import mixture_batches, task_registry
 from calm_jax.tokenizers import load_tokenizer
 from calm_jax.train import lm_batch_loss, train
+from calm_jax.train.workdir import check_finished
 from merging.stream import REPORT_NAME, merge_checkpoints
 
 
@@ -64,10 +65,11 @@ def finetune(config, base_hf: Path, task: str, workdir: Path, tokenizer, registr
   """Full fine-tune of the base on one task (every nnx.Param trains); returns its HF directory, which
   carries the base's tokenizer and task settings."""
   out = workdir / "finetuned" / task
-  if (out / "hf" / "config.json").exists():
-    return out / "hf"
   c = ml_collections.ConfigDict(config.finetune.to_dict())
   c.seed = int(config.seed)
+  if (out / "hf" / "config.json").exists():
+    check_finished(out, c, "fine-tune")
+    return out / "hf"
   _, _, batch_fn = mixture_batches({task: 1.0}, batch_size=c.batch_size, tokenizer=tokenizer, seed=c.seed,
                                    registry=registry)
   result = train(hf.load(base_hf), trainable=nnx.Param, loss_fn=lm_batch_loss, batch_fn=batch_fn, config=c,

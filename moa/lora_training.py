@@ -20,6 +20,7 @@ from calm_jax.registry import register_method
 from calm_jax.tasks import mixture_batches, task_registry
 from calm_jax.tokenizers import load_tokenizer
 from calm_jax.train import lm_loss, train
+from calm_jax.train.workdir import check_finished
 from calm_jax.variables import LoRAParam
 
 
@@ -35,6 +36,7 @@ def train_lora(base_hf, tasks: dict[str, float], lora_cfg, train_cfg, task_args,
   workdir = Path(workdir)
   out = workdir / "adapter"
   if (out / ADAPTER_CONFIG).exists():
+    check_finished(workdir, train_cfg, "LoRA")
     return out
   tokenizer = load_tokenizer(base_hf)
   base = hf.load(base_hf)

@@ -36,6 +36,7 @@ from calm_jax.registry import register_method
 from calm_jax.tasks import Mixture, max_seq_len, task_registry
 from calm_jax.tokenizers import load_tokenizer
 from calm_jax.train import train
+from calm_jax.train.workdir import check_finished
 from calm_jax.variables import LoRAParam, RouterParam
 from moa import evaluate as E
 from moa.classifier import DomainClassifier, classifier_loss
@@ -66,11 +67,12 @@ def train_moa(base_hf, spec, experts, routers, domains, tc, gamma, train_experts
   """Stage 2 (reused if DIR/state exists): routers (+ experts if asked) on mixed labelled batches."""
   out = Path(workdir) / "state"
   base = hf.load(base_hf)
-  if (out / "routers.safetensors").exists():
-    return load_moa(out, base)
-  model = MoAModel(base, spec, experts, routers, seed=seed)
   c = ml_collections.ConfigDict(tc.to_dict())
   c.seed = seed
+  if (out / "routers.safetensors").exists():
+    check_finished(workdir, c, "MoA stage")
+    return load_moa(out, base)
+  model = MoAModel(base, spec, experts, routers, seed=seed)
   trainable, frozen = ((RouterParam, LoRAParam), ()) if train_experts else (RouterParam, LoRAParam)
   result = train(model, trainable=trainable, frozen=frozen, loss_fn=moa_loss(float(gamma)),
                  batch_fn=labelled_batches(domains, c, tokenizer, registry, int(c.batch_size)),

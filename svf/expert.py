@@ -7,12 +7,11 @@ shape matches the new base's factors (cross-model transfer, Transformer² §4.4)
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 
+from calm_jax.atomic import atomic_file
 from calm_jax.errors import UserError
 
 FORMAT = "svf-expert-v1"
@@ -31,10 +30,8 @@ def save_expert(path, zs: dict, *, base_fingerprint: str, targets: str, f: str, 
   meta = {"format": FORMAT, "base_fingerprint": base_fingerprint, "targets": targets, "f": f, "task": task,
           "shapes": json.dumps({n: list(t.shape) for n, t in tensors.items()}),
           "extra": json.dumps(extra or {})}
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-  save_file(tensors, str(tmp), metadata=meta)
-  os.replace(tmp, path)
+  with atomic_file(path) as tmp:
+    save_file(tensors, str(tmp), metadata=meta)
   return path
 
 
@@ -43,7 +40,7 @@ def read_expert(path) -> tuple[dict[str, np.ndarray], dict]:
   from safetensors import safe_open
   path = Path(path)
   if not path.exists():
-    raise FileNotFoundError(f"SVF expert {path} does not exist")
+    raise ExpertMismatchError(f"SVF expert {path} does not exist")
   try:
     with safe_open(str(path), framework="numpy") as fh:
       meta = dict(fh.metadata() or {})

@@ -31,6 +31,7 @@ from calm_jax.registry import register_method
 from calm_jax.tasks import Mixture, max_seq_len, task_registry
 from calm_jax.tokenizers import load_tokenizer
 from calm_jax.train import lm_batch_loss, train
+from calm_jax.train.workdir import check_finished
 from calm_jax.variables import LoRAParam, SVFParam
 from svf.decompose import cached_decompose, target_regex
 from svf.dispatch import Classify
@@ -134,6 +135,7 @@ def run(config, workdir) -> dict:
   lora = config.adapter == "lora"
   expert_path = workdir / ("adapter" if lora else EXPERT_NAME)
   if config.reuse and expert_path.exists() and (workdir / "results.json").exists():
+    check_finished(workdir, config, "expert")
     return json.loads((workdir / "results.json").read_text())
   base_hf = base_dir(config)
   tokenizer = load_tokenizer(base_hf)
