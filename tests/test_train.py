@@ -149,6 +149,7 @@ def run_train(workdir, *overrides, timeout=300):
   return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_launch_train_end_to_end(tmp_path):
   p = run_train(tmp_path / "w")
   assert p.returncode == 0, p.stderr[-3000:]
@@ -180,6 +181,7 @@ def test_unknown_config_key_fails_before_work(tmp_path):
   assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_workdir_with_another_models_checkpoint(tmp_path):
   p = run_train(tmp_path / "w", "--config.steps=10")
   assert p.returncode == 0, p.stderr[-2000:]
