@@ -283,12 +283,16 @@ class Machine:
     print(f"1-min load average before/after: {self.load_text} (other processes compete when > 0)")
 
 
+CODE = ("calm_jax", "calm", "merging", "svf", "moa", "benchmarks")  # what a figure depends on (not docs/)
+
+
 def code_version(*paths: str) -> str:
-  """The checkout's short commit, noting uncommitted changes under `paths` (all when none given)."""
+  """The checkout's short commit, noting uncommitted changes under `paths` (default: the code, CODE)."""
   git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
   rev = git.stdout.strip() or "unknown"
+  paths = paths or CODE
   dirty = subprocess.run(["git", "status", "--porcelain", *paths], cwd=ROOT, capture_output=True, text=True).stdout
-  where = " or ".join(f"{p}/" for p in paths) or "the checkout"
+  where = " or ".join(f"{p}/" for p in paths)
   return rev + (f" (uncommitted changes in {where})" if dirty.strip() else "")
 
 

@@ -427,7 +427,7 @@ def _write(result, args, run, med, mrss, times, diffs, lambdas, machine):
 {common.md_table(COLUMNS, [cells(c) for c in cases])}
 
 Outputs agree: {agree}.{f' MetaGPT λ = {[round(x, 5) for x in lambdas]}.' if lambdas else ''}
-Goal (issue 4): ≥ 3× faster than mergekit at no more peak memory, within 3× of the I/O floor.
+Goal: ≥ 3× faster than mergekit at no more peak memory, within 3× of the I/O floor.
 """, ratio, machine)
 
 

@@ -11,7 +11,7 @@ then timed again alone, in a process of its own that imports only its side's lib
 
 Rows: ours heterogeneous (expert i for example i) / ours merged (one LoRA folded into W) /
 ours one LoRA unmerged; peft mixed batch (`adapter_names`) / peft merged (`merge_and_unload`).
-Goal (issue 7): ours heterogeneous <= 1.3x ours merged.
+Goal: ours heterogeneous <= 1.3x ours merged.
 
 Adds the run to docs/benchmarks.md (its section, and its row of the summary table; `common.write_run`)
 and prints one JSON object of the headline figures as the last line.
@@ -106,7 +106,7 @@ def main(argv=None):
 
 Heterogeneous / merged (each run's faster figure): ours **{result['hetero_vs_merged_ours']:.2f}x**, peft
 {result['hetero_vs_merged_peft']:.2f}x; ours heterogeneous is {result['speedup_vs_peft_mixed']:.2f}x faster than
-peft's mixed batch. Goal (issue 7): heterogeneous <= 1.3x merged: {'met' if result['goal_met'] else 'not met'}.
+peft's mixed batch. Goal: heterogeneous <= 1.3x merged: {'met' if result['goal_met'] else 'not met'}.
 """, ratio, machine)
 
   common.report(args, result, write)

@@ -145,7 +145,7 @@ def main(argv=None):
 speedup vs torch: **{result['speedup_vs_torch']}x** (lapack) and **{result['speedup_vs_torch_gram']}x** (gram) warm,
 {result['speedup_vs_torch_with_compile']}x including the lapack path's compile; max |σ − σ_torch|
 {result['max_singular_value_diff']:.1e} (lapack), {result['max_singular_value_diff_gram']:.1e} (gram).
-Goal (issue 5): ≥ 1.5× on CPU.
+Goal: ≥ 1.5× on CPU.
 """, ratio, machine)
 
   common.report(args, result, write)

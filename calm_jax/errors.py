@@ -15,6 +15,7 @@ class UserError(ValueError):
 
 # OSErrors that are the machine's state, not a bug: said in one line, naming the path.
 OS_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+             errno.EFBIG: "file too large (a file-size limit, or the file system's)",
              errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
              errno.EPERM: "operation not permitted", errno.EMFILE: "too many open files"}
 
@@ -25,4 +26,4 @@ def os_message(e: OSError, where=None) -> str | None:
     return None
   path = e.filename or where
   return f"{OS_ERRNOS[e.errno]}" + (f" while writing {path}" if path else "") + (
-      " (free some space, or write elsewhere)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "")
+      " (free some space, or write elsewhere)" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "")

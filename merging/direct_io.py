@@ -24,6 +24,7 @@ from calm_jax.safetensors_io import CheckpointError, CheckpointReader, Safetenso
 MIN_READAHEAD = 128 << 10   # Linux's default read-ahead window (read_ahead_kb = 128)
 BLOCK = 4096  # a multiple of every device's logical block size in use
 ALIGN = 64  # where XLA on the CPU takes a host buffer without a copy (merging.engine.ALIGN)
+READ_PIECE = 8 << 20  # bytes per request of `StreamingReader.read` on a thread pool
 
 
 @functools.lru_cache(maxsize=None)
@@ -93,8 +94,9 @@ class StreamingReader(CheckpointReader):
     finally:
       os.close(fd)
 
-  def read(self, name) -> np.ndarray:
-    """The tensor copied from the file (through the page cache) into a new 64-byte-aligned array.
+  def read(self, name, pool=None) -> np.ndarray:
+    """The tensor copied from the file (through the page cache) into a new 64-byte-aligned array,
+    in `READ_PIECE` pieces on the threads of `pool` when given (several requests in flight).
 
     Unlike a view of the memory map, a file that shrinks while it is read (another job rewriting a
     checkpoint) gives a `CheckpointError` naming it, not a bus error that kills the process.
@@ -106,14 +108,26 @@ class StreamingReader(CheckpointReader):
     dt, shape, _ = f.entries[name]
     raw = np.empty(end - start + ALIGN, np.uint8)
     skip = -raw.ctypes.data % ALIGN
-    buf, got = raw[skip: skip + end - start], 0
-    with open(f.path, "rb", buffering=0) as fh:
-      while got < end - start:
-        n = os.preadv(fh.fileno(), [memoryview(buf[got:])], start + got)
-        if n <= 0:
-          raise CheckpointError(f"{f.path}: the file shrank while tensor {name} was read (bytes {start}..{end}); "
-                                "is another job rewriting it?")
-        got += n
+    buf = raw[skip: skip + end - start]
+    fd = os.open(f.path, os.O_RDONLY)
+    try:
+      def piece(lo):
+        got, hi = lo, min(lo + READ_PIECE, end - start)
+        while got < hi:
+          n = os.preadv(fd, [memoryview(buf[got:hi])], start + got)
+          if n <= 0:
+            raise CheckpointError(f"{f.path}: the file shrank while tensor {name} was read (bytes {start}..{end}); "
+                                  "is another job rewriting it?")
+          got += n
+      offsets = range(0, end - start, READ_PIECE)
+      if pool is None or len(offsets) < 2:
+        for lo in offsets:
+          piece(lo)
+      else:
+        for f_ in [pool.submit(piece, lo) for lo in offsets]:
+          f_.result()
+    finally:
+      os.close(fd)
     return buf.view(dt).reshape(shape)
 
   def runs(self, names, max_bytes: int, max_gap: int = 1 << 20) -> list[list[str]]:

@@ -97,11 +97,19 @@ class CheckpointSource:
     return largest if self.direct else None
 
   def get(self, i, name):
+    """Model i's tensor: read ahead, else read now (and kept until `release`: a tensor merged in
+    pieces asks for it once per piece)."""
     with self._cv:
       while self._read.get((i, name)) is _READING:
         self._cv.wait()
       x = self._read.setdefault((i, name), _CONSUMED)
-    return self.readers[i].read(name) if x is _CONSUMED else x
+    if x is not _CONSUMED:
+      return x
+    x = self.readers[i].read(name, self._pool)
+    with self._cv:
+      if self._read.get((i, name)) is _CONSUMED:
+        self._read[(i, name)] = x
+    return x
 
   def prefetch(self, i, names):
     """Starts reading model i's tensors `names` (consecutive in the merge's order) ahead: `direct`,

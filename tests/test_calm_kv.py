@@ -92,13 +92,12 @@ def test_experiment_tiny_end_to_end(tmp_path, fast_compile, objective):
   from calm.kv_arithmetic import run
   from configs.calm.kv_arithmetic import get_config
   config = get_config(f"tiny,objective={objective}")  # batch 16 over the 8 fake devices' data axis
-  out = run(config, tmp_path)
+  run(config, tmp_path)
   saved = json.loads((tmp_path / "results.json").read_text())
   assert (tmp_path / "results.png").stat().st_size > 0
   for model in ("m_A", "m_B", "calm"):
     assert set(saved[model]) == {"kv_substitution", "numeric_arithmetic", "kv_arithmetic"}
     assert all(0.0 <= v <= 1.0 for v in saved[model].values())
-  assert saved["seconds"] > 0 and saved["calm"] == out["calm"]
   assert saved["held_in_keys"] == 4 and saved["n_keys"] == 20
   # only the composition trained: its size is the ComposeParam count of the connections (norms,
   # projection + bias, Q K V O, and the null slot's key: heads x head_dim = e_b); `twin` adds one

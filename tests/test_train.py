@@ -85,6 +85,24 @@ def test_freezing_only_the_trainable_type_changes(tmp_path):
   assert shapes.count((TOK.vocab_size,)) == 2 and all(s in ((), (TOK.vocab_size,)) for s in shapes), shapes
 
 
+def test_every_parameter_trains_or_is_frozen_on_purpose(tmp_path):
+  """A parameter type the caller did not name (here the stand-in adapter's LoRAParam, when the base's
+  Param trains) is refused by name, as is a frozen regex that freezes nothing; naming it frozen runs."""
+  from calm_jax.train import CoverageError, check_coverage
+  c = tiny_config(steps=2)
+  model = WithBias(build_decoder(c.model, TOK, 0))
+  with pytest.raises(CoverageError, match=r"neither trainable \(Param\) nor frozen: bias \(LoRAParam\)"):
+    train(model, trainable=nnx.Param, loss_fn=bias_loss, batch_fn=batches(c), config=c, workdir=tmp_path / "a",
+          mesh=one_device_mesh(), quiet=True)
+  assert not (tmp_path / "a" / "checkpoints").exists()
+  check_coverage(model, nnx.Param, frozen=LoRAParam)  # frozen on purpose: fine
+  check_coverage(model, LoRAParam)  # the base's Param is frozen by default
+  with pytest.raises(CoverageError, match=r"config.frozen regexes \['layers/qq'\] match no trainable parameter"):
+    check_coverage(model, nnx.Param, frozen=LoRAParam, frozen_regexes=["layers/qq"])
+  with pytest.raises(TypeError, match="nnx.Variable types"):
+    check_coverage(model, "LoRAParam")
+
+
 def test_frozen_regex_keeps_matching_params(tmp_path):
   c = tiny_config(steps=3, frozen=["layers/.*"])
   model = build_decoder(c.model, TOK, 0)
