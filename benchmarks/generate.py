@@ -9,6 +9,10 @@ torch uses `torch.set_num_threads(os.cpu_count())`; XLA uses all cores by defaul
 timed again alone, in a process of its own that imports only its side's library (`common.each_alone`;
 `--no-alone` skips it); each side's headline figure is the faster of its two medians.
 
+`--model=smollm2-135m-instruct` (any `launch.fetch` name or HF directory) times a real model instead: chat
+prompts through its template, `--new` 64 by default; run it at `--batch 1` and `--batch 8` (each its own
+row of the summary table).
+
 Adds the run to docs/benchmarks.md (its section, and its row of the summary table; `common.write_run`)
 and prints one JSON object of the headline figures as the last line.
 Run: `.venv/bin/python benchmarks/generate.py` (`--small` for a quick smoke run).
@@ -28,7 +32,8 @@ def main(argv=None):
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--min-prompt", type=int, default=32)
   ap.add_argument("--max-prompt", type=int, default=64)
-  ap.add_argument("--new", type=int, default=128)
+  ap.add_argument("--new", type=int, default=None, help="new tokens per row (default 128; 64 with --model)")
+  ap.add_argument("--model", default=None, help="a real model (launch.fetch name or HF directory), not a random one")
   ap.add_argument("--init-std", type=float, default=0.1,
                   help="initializer_range; larger than HF's 0.02 so greedy argmax has few near-ties")
   common.add_alone(ap)
@@ -37,15 +42,20 @@ def main(argv=None):
   machine = common.Machine("jax", "transformers", "torch")
   if args.alone != "ours":
     machine.torch_all_cores()
-  ref, model, n_params = common.random_llama(args, args.init_std, bos_token_id=1, eos_token_id=None, pad_token_id=0)
-  rng = np.random.default_rng(0)
-  lens = rng.integers(args.min_prompt, args.max_prompt + 1, args.batch)
-  prompts = [rng.integers(2, args.vocab, n).tolist() for n in lens]
+  args.new = args.new or (64 if args.model else 128)
+  if args.model:
+    ref, model, n_params, prompts, pad = _real_model(args)
+  else:
+    ref, model, n_params = common.random_llama(args, args.init_std, bos_token_id=1, eos_token_id=None, pad_token_id=0)
+    rng = np.random.default_rng(0)
+    lens = rng.integers(args.min_prompt, args.max_prompt + 1, args.batch)
+    prompts, pad = [rng.integers(2, args.vocab, n).tolist() for n in lens], 0
+  lens = [len(p) for p in prompts]
   runs = {}
   if model is not None:
     runs["ours"] = _ours(args, model, prompts)
   if ref is not None:
-    runs["theirs"] = _hf(args, ref, prompts)
+    runs["theirs"] = _hf(args, ref, prompts, pad)
   outs, times, first_call_s, compile_s = _measure(args, runs)
   if args.alone:
     common.report(args, {"median": common.medians(times)[args.alone], "times": times[args.alone]})
@@ -87,10 +97,11 @@ def main(argv=None):
   print(f"identical tokens {same:.4f}; first difference per row {first_diff}")
   machine.print_load()
 
+  what = (f"{args.model}, {n_params / 1e6:.1f}M params" if args.model else f"{n_params / 1e6:.1f}M params")
+
   def write():
     ratio = (f"**{result['speedup_vs_transformers']}x** transformers' tokens/s (greedy decode, batch {args.batch}, "
-             f"{args.new} new tokens, {n_params / 1e6:.1f}M params, fp32; each side's faster of shared / alone "
-             "process)")
+             f"{args.new} new tokens, {what}, fp32; each side's faster of shared / alone process)")
 
     def row(side, name, compile_cell):
       alone_times = alone.get(side, "times")
@@ -101,10 +112,14 @@ def main(argv=None):
                              "tokens/s (faster median)", "compile s"],
                             [row("ours", "calm_jax `decoding.generate`", result["compile_s_ours"]),
                              row("theirs", "transformers `generate`", "-")])
-    common.write_run(TITLE, f"""
+    model_line = (f"- model: {args.model} ({n_params / 1e6:.1f}M params, its config as fetched), fp32; chat prompts "
+                  "through its template" if args.model else
+                  f"- model: random llama, {n_params / 1e6:.1f}M params (hidden {args.hidden}, {args.layers} layers, "
+                  f"{args.heads} heads,\n  intermediate {args.intermediate}, vocab {args.vocab}), fp32, init std "
+                  f"{args.init_std}")
+    common.write_run(_title(args), f"""
 {machine.line()}
-- model: random llama, {n_params / 1e6:.1f}M params (hidden {args.hidden}, {args.layers} layers, {args.heads} heads,
-  intermediate {args.intermediate}, vocab {args.vocab}), fp32, init std {args.init_std}
+{model_line}
 - workload: batch {args.batch}, left-padded prompts of {min(lens)}-{max(lens)} tokens, {args.new} new tokens, greedy,
   no EOS; median of {args.runs} timed runs after warm-up, the two sides alternating in one process
 {alone.line()}
@@ -131,18 +146,59 @@ def _ours(args, model, prompts):
   return run
 
 
-def _hf(args, ref, prompts):
+def _title(args) -> str:
+  return f"{TITLE} ({args.model}, batch {args.batch})" if args.model else TITLE
+
+
+CHAT = ["What is the capital of France?", "Write a haiku about the sea.", "Name three prime numbers.",
+        "Explain in one sentence what a neural network is.", "How many legs does a spider have?",
+        "Give me a synonym for happy.", "What is 17 times 3?", "Describe the colour blue to someone who cannot see."]
+
+
+def _real_model(args):
+  """The fetched model on both sides, and chat prompts through its template. The parent writes the
+  directory and the prompt ids to the scratch folder, so that a side alone imports only its library."""
+  import json
+
+  info = common.scratch(args) / "real_model.json"
+  if not args.alone:
+    from calm_jax.fetch import MODELS, fetch
+    path = fetch(args.model) if args.model in MODELS else args.model
+    import transformers
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    prompts = [list(tok.apply_chat_template([{"role": "user", "content": CHAT[i % len(CHAT)]}],
+                                            add_generation_prompt=True, tokenize=True, return_dict=False))
+               for i in range(args.batch)]
+    info.write_text(json.dumps({"path": str(path), "prompts": prompts, "pad": tok.pad_token_id}))
+  meta = json.loads(info.read_text())
+  ref = model = None
+  if args.alone != "ours":
+    import torch
+    import transformers
+    ref = transformers.AutoModelForCausalLM.from_pretrained(meta["path"], dtype=torch.float32).eval()
+    ref.generation_config.eos_token_id = None  # exactly --new tokens, and no EOS suppression changing the argmax
+    n_params = sum(p.numel() for p in ref.parameters())
+  if args.alone != "theirs":
+    import jax
+
+    from calm_jax import hf
+    model = hf.load(meta["path"])
+    n_params = sum(x.size for x in jax.tree.leaves(model.params()))
+  return ref, model, n_params, meta["prompts"], meta["pad"]
+
+
+def _hf(args, ref, prompts, pad):
   """transformers' greedy generation of exactly args.new tokens per left-padded prompt."""
   import torch
 
   width = max(len(p) for p in prompts)
-  ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+  ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
   mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
 
   def run():
     with torch.inference_mode():
       out = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new, min_new_tokens=args.new,
-                         do_sample=False, pad_token_id=0)
+                         do_sample=False, pad_token_id=pad)
     return out[:, width:].tolist()
 
   return run

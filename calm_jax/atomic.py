@@ -122,11 +122,11 @@ _HELD: dict[Path, int] = {}  # locks this process holds -> nesting depth (a job 
 
 
 @contextlib.contextmanager
-def exclusive(path, what: str = "output"):
+def exclusive(path, what: str = "output", wait: bool = False):
   """Holds an advisory lock on `path` (an output or a workdir, existing or not) while the block runs.
 
   The lock is a sibling file `.<name>.lock`; a second job fails at once with `OutputError` naming
-  the path and the process that holds it. Re-entrant within a process. Released on exit (and by the
+  the path and the process that holds it (or, with `wait`, waits for it). Re-entrant within a process. Released on exit (and by the
   kernel when the process dies, however it dies); the lock file is removed by its holder.
   """
   path = Path(os.path.realpath(Path(path).absolute()))
@@ -142,7 +142,7 @@ def exclusive(path, what: str = "output"):
   while True:
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
       holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
       os.close(fd)
@@ -193,6 +193,20 @@ def atomic_dir(out_dir, overwrite: bool = False, inputs=()):
       shutil.rmtree(trash, ignore_errors=True)
     else:
       os.rename(tmp, out)
+
+
+@contextlib.contextmanager
+def scratch_dir(path):
+  """Yields a temporary sibling directory of `path` for intermediate files, removed on exit (and,
+  if the job is killed, by the next writer of `path`: `clean_stale_siblings`)."""
+  path = Path(path).absolute()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = _tmp_sibling(path, "tmp")
+  tmp.mkdir()
+  try:
+    yield tmp
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager

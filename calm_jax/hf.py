@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from calm_jax.atomic import atomic_dir
+from calm_jax.hub import model_dir
 from calm_jax.models import ConfigError, Decoder, DecoderConfig, flatten, nest, param_specs
 from calm_jax.safetensors_io import (AUX_FILES, CheckpointError, CheckpointReader, ShardedWriter, dtype_code,
                                     is_float_code)
@@ -92,14 +93,16 @@ def _fail(path, problems: list[str]):
 
 
 def load_config(path) -> DecoderConfig:
-  cfg_path = Path(path) / "config.json"
+  cfg_path = model_dir(path) / "config.json"
   if not cfg_path.exists():
     raise CheckpointError(f"{path}: no config.json")
   return DecoderConfig.from_json_file(cfg_path)
 
 
 def load_params(path, dtype: str | None = "float32", check_finite: bool = True) -> tuple[DecoderConfig, dict]:
-  """(config, nested param dict of numpy arrays in our layout) from an HF directory."""
+  """(config, nested param dict of numpy arrays in our layout) from an HF directory (or a model name
+  `calm_jax.hub.model_dir` resolves: a fetched model, a Hub id)."""
+  path = model_dir(path)
   cfg = load_config(path)
   reader = CheckpointReader(path)
   expected = hf_shapes(cfg)
@@ -135,7 +138,7 @@ def load_params(path, dtype: str | None = "float32", check_finite: bool = True) 
 
 
 def load(path, dtype: str | None = "float32", check_finite: bool = True) -> Decoder:
-  """Our NNX decoder from a local HF directory (dtype None keeps the checkpoint's)."""
+  """Our NNX decoder from an HF directory or model name (dtype None keeps the checkpoint's)."""
   if dtype is not None and dtype not in DTYPE_NAMES:
     raise ConfigError(f"dtype {dtype!r}: expected one of {', '.join(DTYPE_NAMES)}")
   cfg, params = load_params(path, dtype, check_finite)

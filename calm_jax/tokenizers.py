@@ -162,9 +162,8 @@ class HFTokenizer:
   """
 
   def __init__(self, directory: str | os.PathLike):
-    directory = os.fspath(directory)
-    if not os.path.isdir(directory):
-      raise ValueError(f"HFTokenizer loads from local directories only; {directory!r} is not a directory")
+    from calm_jax.hub import model_dir
+    directory = os.fspath(model_dir(directory))
     import transformers  # heavy import, only on the real-checkpoint path
 
     self.directory = directory
@@ -193,7 +192,10 @@ class HFTokenizer:
 
 
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
-  """`CharTokenizer` if `directory` holds `char_tokenizer.json`, else `HFTokenizer`."""
+  """`CharTokenizer` if `directory` holds `char_tokenizer.json`, else `HFTokenizer` (`directory` may
+  also be a model name `calm_jax.hub.model_dir` resolves)."""
+  from calm_jax.hub import model_dir
+  directory = model_dir(directory)
   if os.path.isfile(os.path.join(directory, CHAR_TOKENIZER_FILE)):
     return CharTokenizer.load(directory)
   return HFTokenizer(directory)

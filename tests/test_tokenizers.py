@@ -116,6 +116,6 @@ def test_hf_tokenizer_without_bos(tmp_path):
   assert tok.decode(tok.encode("hello")) == "hello"
 
 
-def test_hf_tokenizer_needs_local_dir(tmp_path):
-  with pytest.raises(ValueError, match="local directories only"):
+def test_hf_tokenizer_names_a_missing_dir(tmp_path):
+  with pytest.raises(ValueError, match="no model directory"):
     HFTokenizer(os.path.join(tmp_path, "does-not-exist"))

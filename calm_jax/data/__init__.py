@@ -1,0 +1,77 @@
+"""Users' own dataset files: read and validate (records), tokenize with a loss mask (encoding), and batch as a
+pure function of (seed, step) (batches). `load_dataset_config` does all three from a config's `data` block.
+
+  data.train          a .jsonl/.json/.csv/.parquet file or a Hub dataset name (required)
+  data.val, data.test  optional files; or data.val_fraction of train, drawn with data.seed
+  data.format         "auto", "prompt_answer" or "chat"
+  data.fields         {our field name: the file's}, e.g. {"prompt": "question", "answer": "solution"}
+  data.chat_template  "auto", True or False
+
+A Hub name's splits are "train", "validation" and "test" for train, val and test.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from calm_jax.data.batches import RecordBatches, split_records
+from calm_jax.data.encoding import (EncodedRecord, encode_prompt, encode_record, encode_records, prompt_and_reference,
+                                    template_tokenizer)
+from calm_jax.data.records import DataError, Message, Record, read_records
+
+__all__ = [
+  "DataError", "Message", "Record", "read_records",
+  "EncodedRecord", "encode_record", "encode_records", "encode_prompt", "prompt_and_reference", "template_tokenizer",
+  "RecordBatches", "split_records",
+  "DataSplits", "load_dataset_config",
+]
+
+_HUB_SPLITS = {"train": "train", "val": "validation", "test": "test"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSplits:
+  """The configured splits ("train", and "val"/"test" where configured) as records and as tokens.
+
+  `domains` (sorted, over all splits) defines the domain ids, so train and val batches agree on them.
+  """
+
+  records: dict[str, list[Record]]
+  encoded: dict[str, list[EncodedRecord]]
+  domains: tuple[str, ...]
+  max_len: int
+  pad_id: int
+
+  def batches(self, split: str, batch_size: int, seed: int = 0) -> RecordBatches:
+    """`split`'s batches, padded to max_len."""
+    if split not in self.encoded:
+      raise DataError(f"no {split!r} data is configured (have {sorted(self.encoded)})")
+    return RecordBatches(self.encoded[split], batch_size, self.max_len, self.pad_id, seed, domains=self.domains)
+
+
+def load_dataset_config(data_cfg, tokenizer, max_len: int) -> DataSplits:
+  """Reads, validates, splits and encodes the files of a `data` config block (a ConfigDict or a dict).
+
+  Every file is read and checked before any is tokenized, so a bad val file fails as fast as a bad train one.
+  """
+  get = data_cfg.get
+  if not get("train"):
+    raise DataError("data.train is not set; give a dataset file or a Hub dataset name")
+  fmt, fields, seed = get("format", "auto"), dict(get("fields", None) or {}), int(get("seed", 0))
+  val_fraction = float(get("val_fraction", 0.0) or 0.0)
+  if get("val") and val_fraction:
+    raise DataError("data.val and data.val_fraction are both set; give one")
+  records = {}
+  for split in ("train", "val", "test"):
+    path = get(split, None)
+    if path:
+      hub_split = None if os.path.exists(os.fspath(path)) else _HUB_SPLITS[split]
+      records[split] = read_records(path, format=fmt, fields=fields, split=hub_split)
+  if val_fraction:
+    records["train"], records["val"] = split_records(records["train"], val_fraction, seed)
+  chat_template = get("chat_template", "auto")
+  encoded = {split: encode_records(recs, tokenizer, chat_template=chat_template, max_len=max_len,
+                                   name=f"{get('train')} ({split} part)" if val_fraction and split != "test" else None)
+             for split, recs in records.items()}
+  domains = tuple(sorted({r.domain for recs in records.values() for r in recs if r.domain is not None}))
+  return DataSplits(records, encoded, domains, int(max_len), int(tokenizer.pad_id))
