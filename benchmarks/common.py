@@ -374,7 +374,7 @@ def anchor(heading: str) -> str:
 
 def write_run(title: str, body: str, ratio: str, machine: Machine, path: Path | None = None) -> None:
   """Appends a dated run section (`### title (date)` then `body`) under the runs heading and puts
-  `ratio` (ours vs the peer, saying what the ratio means) in this script's row of the summary table."""
+  `ratio` (ours vs the peer, saying what the ratio means) in this title's row of the summary table."""
   script, path = Path(sys.argv[0]).name, path or DOC
   date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
   heading = f"{title} ({date})"
@@ -383,15 +383,15 @@ def write_run(title: str, body: str, ratio: str, machine: Machine, path: Path | 
   if not sep:  # no runs heading yet: what the file held goes under it
     head, runs = "", text
   row = [f"{title} (`{script}`)", ratio, f"[{date}]({anchor(heading)})", machine.cell(), f"`{command()}`"]
-  head = _with_row(head or INTRO, script, md_row(c.replace("|", "/").replace("\n", " ") for c in row))
+  head = _with_row(head or INTRO, row[0], md_row(c.replace("|", "/").replace("\n", " ") for c in row))
   runs = "\n\n".join(p for p in (runs.strip("\n"), f"### {heading}\n\n{body.strip()}") if p)
   path.parent.mkdir(exist_ok=True)
   path.write_text(f"{head.rstrip()}\n\n{RUNS_HEADING}\n\n{runs}\n")
 
 
-def _with_row(head: str, script: str, row: str) -> str:
-  """`head` with `script`'s summary row replaced by `row` (added at the table's end when absent; the
-  table added when the file has none)."""
+def _with_row(head: str, name: str, row: str) -> str:
+  """`head` with the summary row named `name` (its first cell: title and script) replaced by `row` (added
+  at the table's end when absent; the table added when the file has none)."""
   lines = head.rstrip("\n").split("\n")
   header = md_row(SUMMARY_COLUMNS)
   if header not in lines:
@@ -400,9 +400,8 @@ def _with_row(head: str, script: str, row: str) -> str:
   end = start
   while end < len(lines) and lines[end].startswith("|"):
     end += 1
-  key = f"(`{script}`)"
   for i in range(start, end):
-    if lines[i].split("|")[1].strip().endswith(key):
+    if lines[i].split("|")[1].strip() == name.replace("|", "/"):
       lines[i] = row
       break
   else:

@@ -126,8 +126,9 @@ def exclusive(path, what: str = "output", wait: bool = False):
   """Holds an advisory lock on `path` (an output or a workdir, existing or not) while the block runs.
 
   The lock is a sibling file `.<name>.lock`; a second job fails at once with `OutputError` naming
-  the path and the process that holds it (or, with `wait`, waits for it). Re-entrant within a process. Released on exit (and by the
-  kernel when the process dies, however it dies); the lock file is removed by its holder.
+  the path and the process that holds it (or, with `wait`, waits for it). Re-entrant within a process.
+  Released on exit (and by the kernel when the process dies, however it dies); the lock file is
+  removed by its holder.
   """
   path = Path(os.path.realpath(Path(path).absolute()))
   if path in _HELD:

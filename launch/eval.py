@@ -9,7 +9,9 @@
   python -m launch.eval --config=configs/<...>.py:arg --workdir=DIR
 
 --model: an HF directory, a fetched model's name or a Hub id. --metric: exact | number | choice | ppl
-(calm_jax/data/metrics.py); writes OUT/results.json and OUT/predictions.jsonl. A checkpoint trained on the suite is scored on the task settings it recorded (its
+(calm_jax/data/metrics.py); writes OUT/results.json and OUT/predictions.jsonl.
+
+A checkpoint trained on the suite is scored on the task settings it recorded (its
 task_settings.json); --task_args overrides them task by task.
 """
 import json

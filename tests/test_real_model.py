@@ -142,3 +142,17 @@ def test_bf16_logits_within_depth_aware_tolerance(smollm2_dir, tok):
     return float(np.sqrt(np.mean(np.square(x))))
 
   assert rms(ours - exact) <= BF16_RMS_RATIO * rms(theirs - exact)
+
+
+def test_training_rows_with_the_real_chat_template(tok):
+  """A prompt/answer record through SmolLM2's ChatML template: the prompt is exactly the template's generation
+  prompt, and the tokens trained on are exactly the answer and the turn's end, `Paris<|im_end|>` + newline."""
+  from calm_jax.data import Record, encode_record
+  enc = encode_record(Record(prompt="What is the capital of France?", answer="Paris", source="t:1"), tok,
+                      max_len=512)
+  prompt = _chat_ids(tok, "What is the capital of France?")
+  assert enc.ids[:enc.prompt_len].tolist() == prompt
+  trained = enc.ids[enc.loss_mask.astype(bool)].tolist()
+  assert enc.loss_mask[:enc.prompt_len].sum() == 0
+  assert tok.hf.decode(trained) == "Paris<|im_end|>\n"
+  assert trained[-2:] == [tok.eos_id, *tok.hf.encode("\n", add_special_tokens=False)]

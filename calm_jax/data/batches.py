@@ -78,37 +78,38 @@ class RecordBatches:
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
     idx = self.indices(step)
-    B, T = len(idx), self.seq_len
-    tokens = np.full((B, T), self.pad_id, dtype=np.int32)
-    loss_mask = np.zeros((B, T), dtype=np.float32)
-    attention_mask = np.zeros((B, T), dtype=np.int32)
-    prompt_len = np.zeros((B,), dtype=np.int32)
-    length = np.zeros((B,), dtype=np.int32)
-    for b, i in enumerate(idx):
-      r = self.records[i]
-      L = len(r.ids)
-      tokens[b, :L] = r.ids
-      attention_mask[b, :L] = 1
-      loss_mask[b, : L - 1] = r.loss_mask[1:]  # position t predicts token t+1
-      prompt_len[b], length[b] = r.prompt_len, L
-    targets = np.full_like(tokens, self.pad_id)
-    targets[:, :-1] = tokens[:, 1:]
-    return {
-      "tokens": tokens,
-      "inputs": tokens.copy(),
-      "targets": targets,
-      "loss_mask": loss_mask,
-      "attention_mask": attention_mask,
-      "prompt_len": prompt_len,
-      "length": length,
-      "domain": self._domain[idx],
-    }
+    rows = [(self.records[i].ids, self.records[i].loss_mask, self.records[i].prompt_len) for i in idx]
+    return pack_batch(rows, self.seq_len, self.pad_id, self._domain[idx])
 
   __call__ = batch
 
   def __repr__(self) -> str:
     return (f"RecordBatches({len(self.records)} records, batch_size={self.batch_size}, seq_len={self.seq_len}, "
             f"seed={self.seed}, domains={self.domains})")
+
+
+def pack_batch(rows: Sequence[tuple[Sequence[int], Sequence[int], int]], seq_len: int, pad_id: int,
+               domain: Sequence[int]) -> dict[str, np.ndarray]:
+  """Rows of (token ids, 0/1 per token: trained on, prompt length) -> the right-padded next-token batch every
+  trainer takes (`calm_jax.tasks.encode_batch` documents the keys); the loss mask moves to the positions that
+  predict the trained tokens."""
+  B, T = len(rows), int(seq_len)
+  tokens = np.full((B, T), pad_id, dtype=np.int32)
+  loss_mask = np.zeros((B, T), dtype=np.float32)
+  attention_mask = np.zeros((B, T), dtype=np.int32)
+  prompt_len = np.zeros((B,), dtype=np.int32)
+  length = np.zeros((B,), dtype=np.int32)
+  for b, (ids, trained, plen) in enumerate(rows):
+    L = len(ids)
+    tokens[b, :L] = ids
+    attention_mask[b, :L] = 1
+    loss_mask[b, : L - 1] = np.asarray(trained)[1:]  # position t predicts token t+1
+    prompt_len[b], length[b] = plen, L
+  targets = np.full_like(tokens, pad_id)
+  targets[:, :-1] = tokens[:, 1:]
+  return {"tokens": tokens, "inputs": tokens.copy(), "targets": targets, "loss_mask": loss_mask,
+          "attention_mask": attention_mask, "prompt_len": prompt_len, "length": length,
+          "domain": np.asarray(domain, dtype=np.int32)}
 
 
 def split_records(records: Sequence[T], val_fraction: float, seed: int = 0) -> tuple[list[T], list[T]]:

@@ -12,6 +12,7 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from calm_jax.data.batches import pack_batch
 from calm_jax.tasks.base import SPLITS, Example, Task
 
 __all__ = ["Mixture", "encode_batch", "mixture_batches"]
@@ -119,43 +120,21 @@ def encode_batch(examples: Sequence[Example], tokenizer, seq_len: int) -> dict[s
   """
   if not examples:
     raise ValueError("encode_batch got no examples")
-  B, T = len(examples), int(seq_len)
-  tokens = np.full((B, T), tokenizer.pad_id, dtype=np.int32)
-  loss_mask = np.zeros((B, T), dtype=np.float32)
-  attention_mask = np.zeros((B, T), dtype=np.int32)
-  prompt_len = np.zeros((B,), dtype=np.int32)
-  length = np.zeros((B,), dtype=np.int32)
-  domain = np.array([ex.domain_id for ex in examples], dtype=np.int32)
+  T = int(seq_len)
   bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+  rows = []
   for b, ex in enumerate(examples):
     prompt = bos + tokenizer.encode(ex.prompt)
     answer = tokenizer.encode(ex.answer) + [tokenizer.eos_id]
     if not prompt:
       raise ValueError(f"example {b} ({ex.task}): empty prompt and no bos token, nothing predicts the answer")
-    row = prompt + answer
-    if len(row) > T:
+    if len(prompt) + len(answer) > T:
       raise ValueError(
-        f"example {b} ({ex.task}: {ex.prompt!r} -> {ex.answer!r}) needs {len(row)} tokens "
+        f"example {b} ({ex.task}: {ex.prompt!r} -> {ex.answer!r}) needs {len(prompt) + len(answer)} tokens "
         f"but seq_len is {T}"
       )
-    tokens[b, : len(row)] = row
-    attention_mask[b, : len(row)] = 1
-    # Target at position t is token t+1: answer tokens + eos sit at positions
-    # len(prompt) .. len(row)-1, so their predicting positions are one earlier.
-    loss_mask[b, len(prompt) - 1 : len(row) - 1] = 1.0
-    prompt_len[b], length[b] = len(prompt), len(row)
-  targets = np.full_like(tokens, tokenizer.pad_id)
-  targets[:, :-1] = tokens[:, 1:]
-  return {
-    "tokens": tokens,
-    "inputs": tokens.copy(),
-    "targets": targets,
-    "loss_mask": loss_mask,
-    "attention_mask": attention_mask,
-    "prompt_len": prompt_len,
-    "length": length,
-    "domain": domain,
-  }
+    rows.append((prompt + answer, [0] * len(prompt) + [1] * len(answer), len(prompt)))
+  return pack_batch(rows, T, tokenizer.pad_id, [ex.domain_id for ex in examples])
 
 
 def mixture_batches(tasks: Mapping[str, float], *, batch_size: int, tokenizer, seed: int = 0,
