@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from calm_jax.fingerprint import fingerprint
-from calm_jax.lora import AdapterError, LoRASpec, load_adapter
+from calm_jax.lora import TARGETABLE, AdapterError, LoRASpec, load_adapter, lora_specs
+from calm_jax.models.config import DecoderConfig
 
 
 def stack_loras(loras: list[dict], specs: list[LoRASpec], names: list[str] | None = None):
@@ -61,6 +62,46 @@ def add_expert(experts, spec: LoRASpec, lora, lora_spec: LoRASpec, name: str = "
                        f"{lora_spec.alpha}) to experts with targets {spec.targets}, rank {spec.rank}, alpha {spec.alpha}")
   grown = jax.tree.map(lambda e, x: jnp.concatenate([e, x[:, None].astype(e.dtype)], axis=1), experts, lora)
   return grown, spec.with_experts(spec.num_experts + 1)
+
+
+def harmonize(loras: list[dict], specs: list[LoRASpec], cfg: DecoderConfig) -> tuple[list[dict], LoRASpec]:
+  """Adapters of any targets, ranks and alphas rewritten exactly as adapters of one spec (so they stack):
+  the union of the targets (zero factors where an adapter has none), the largest rank (zero-padded A
+  columns and B rows), and scale 1 (each B multiplied by its own alpha / r). Every adapter's update
+  `scale · A B` is unchanged."""
+  targets = tuple(n for n in TARGETABLE if any(n in s.targets for s in specs))
+  rank = max(s.rank for s in specs)
+  spec = LoRASpec(targets, rank, float(rank), 0.0, None)
+  shapes = lora_specs(cfg, spec)
+  out = []
+  for lora, s in zip(loras, specs):
+    if s.num_experts:
+      raise AdapterError(f"cannot harmonize a stacked adapter ({s.num_experts} experts); give single adapters")
+    one = {}
+    for n in targets:
+      a = jnp.zeros(shapes[f"{n}/a"].shape, jnp.float32)
+      b = jnp.zeros(shapes[f"{n}/b"].shape, jnp.float32)
+      if n in lora:
+        a = a.at[..., :s.rank].set(jnp.asarray(lora[n]["a"], jnp.float32))
+        b = b.at[:, :s.rank].set(jnp.asarray(lora[n]["b"], jnp.float32) * s.scale)
+      one[n] = {"a": a, "b": b}
+    out.append(one)
+  return out, spec
+
+
+def peft_experts(paths: list, cfg: DecoderConfig) -> tuple[dict, LoRASpec, list[dict]]:
+  """PEFT LoRA adapters (any targets, ranks, alphas; e.g. the Hub's) as one expert stack, in order.
+  A PEFT adapter records no fingerprint of its base: it is checked against `cfg`'s shapes only."""
+  from calm_jax.peft_format import load_peft
+  loras, specs, configs = [], [], []
+  for p in paths:
+    lora, spec, pc = load_peft(p, cfg)
+    loras.append(lora)
+    specs.append(spec)
+    configs.append(pc)
+  loras, spec = harmonize(loras, specs, cfg)
+  experts, spec = stack_loras(loras, [spec] * len(loras), [str(p) for p in paths])
+  return experts, spec, configs
 
 
 def select_expert(experts, index: int):

@@ -57,6 +57,7 @@ def test_our_adapter_loads_in_peft_with_the_same_logits(zoo_saved, tmp_path, tar
   assert json.loads((out / PEFT_CONFIG).read_text())["r"] == 4
 
 
+@pytest.mark.slow
 def test_each_moa_expert_exports_as_its_own_adapter(zoo_saved, tmp_path):
   _, path = zoo_saved("llama_gqa")
   model = hf.load(path)
@@ -73,7 +74,7 @@ def test_each_moa_expert_exports_as_its_own_adapter(zoo_saved, tmp_path):
     save_peft(tmp_path / "all", lora, spec, model.config)
 
 
-@pytest.mark.parametrize("rslora", [False, True])
+@pytest.mark.parametrize("rslora", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_a_peft_trained_adapter_imports_with_the_same_logits(zoo_saved, tmp_path, rslora):
   """peft trains a LoRA (3 SGD steps from its own init, so B != 0) on q, v and down; we import it."""
   _, path = zoo_saved("llama_gqa")
@@ -134,3 +135,32 @@ def test_missing_layer_and_wrong_shape_are_named(zoo_saved, tmp_path):
   shutil.rmtree(tmp_path / "bad")
   with pytest.raises(AdapterError, match=r"lora_B.weight \(7, 2\), expected"):
     load_peft(_peft_dir(tmp_path, {}, tensors), cfg)
+
+
+@pytest.mark.slow
+def test_peft_adapters_of_different_targets_ranks_and_alphas_become_one_expert_stack(zoo_saved, tmp_path):
+  """Two peft adapters (q/v rank 2 alpha 8; down/o rank 4 alpha 2, rsLoRA): stacked as MoA experts, each
+  example routed to expert i gives `PeftModel`'s logits with adapter i."""
+  from moa.experts import peft_experts
+  _, path = zoo_saved("llama_gqa")
+  dirs = []
+  for i, (targets, r, alpha, rs) in enumerate([(["q_proj", "v_proj"], 2, 8, False),
+                                               (["down_proj", "o_proj"], 4, 2, True)]):
+    torch.manual_seed(i)
+    pm = peft.get_peft_model(hf_zoo.build("llama_gqa"), peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
+                                                                          use_rslora=rs))
+    with torch.no_grad():
+      for n, p in pm.named_parameters():
+        if "lora_B" in n:
+          p.normal_(0, 0.1)
+    pm.save_pretrained(tmp_path / f"a{i}")
+    dirs.append(tmp_path / f"a{i}")
+  model = hf.load(path)
+  experts, spec, _ = peft_experts(dirs, model.config)
+  assert spec.num_experts == 2 and set(spec.targets) == {"q", "v", "o", "down"} and spec.rank == 4
+  ids = hf_zoo.input_ids(batch=2)
+  ours = _ours(model, spec, experts, ids, experts=[0, 1])
+  for row, d in enumerate(dirs):
+    theirs = _peft_logits(hf_zoo.build("llama_gqa"), d, ids)
+    print(f"expert {row}: max |ours - peft| {np.abs(ours[row] - theirs[row]).max():.2e}")
+    assert np.abs(ours[row] - theirs[row]).max() <= TOL
