@@ -38,31 +38,63 @@ def evaluate_dataset(model_name, data, metric: str, out, *, fmt: str = "auto", f
                      overwrite: bool = False) -> dict:
   """Scores the model `model_name` (a directory, fetched name or Hub id) on the records of `data` with
   `metric` (`calm_jax.data.metrics`), and writes `out/results.json` ({"accuracy"} or {"ppl"}, "n", ...)
-  and `out/predictions.jsonl` (prompt, generated, reference, score, source per record) atomically.
-
-  Prompts are laid out as training lays them out (the tokenizer's chat template when it has one,
-  `chat_template`); answers are greedy, through the batched KV-cache decoder, up to the first EOS."""
+  and `out/predictions.jsonl` (prompt, generated, reference, score, source per record) atomically."""
   import json
 
-  from tqdm import tqdm
-
-  from calm_jax import decoding, scoring
   from calm_jax.atomic import atomic_dir, check_output
-  from calm_jax.data import DataError, encode_prompt, encode_record, prompt_and_reference, read_records
+  from calm_jax.data import DataError, prompt_and_reference, read_records
   from calm_jax.data import metrics as M
 
   if metric not in M.METRICS:
     raise DataError(f"metric {metric!r}: expected one of {', '.join(M.METRICS)}")
   out = check_output(out, overwrite=overwrite, inputs=[data])
   records = read_records(data, format=fmt, fields=fields)
+  check_metric(records, metric)
+  model = hf.load(model_name, dtype=dtype)
+  tokenizer = load_tokenizer(model_name)
+  results, rows = score_records(model, tokenizer, records, metric, chat_template=chat_template, max_len=max_len,
+                                max_new_tokens=max_new_tokens, batch_size=batch_size, desc=f"{metric} on {data}")
+  results = {**results, "model": str(model_name), "data": str(data)}
+  with atomic_dir(out, overwrite=overwrite, inputs=[data]) as tmp:
+    (tmp / "results.json").write_text(json.dumps(results, indent=2))
+    with open(tmp / "predictions.jsonl", "w") as f:
+      for r, row in zip(records, rows):
+        prompt = prompt_and_reference(r)[0]
+        text = prompt.prompt if prompt.messages is None else [m._asdict() for m in prompt.messages]
+        f.write(json.dumps({"prompt": text, **row, "source": r.source}, ensure_ascii=False) + "\n")
+  shown = {k: v for k, v in results.items() if k in ("accuracy", "accuracy_norm", "ppl", "n")}
+  print(f"{metric} on {data}: {shown} -> {out}")
+  return results
+
+
+def check_metric(records, metric: str) -> None:
+  """A DataError before any model loads when `records` cannot be scored with `metric`."""
+  from calm_jax.data import DataError
+  from calm_jax.data import metrics as M
+  if metric not in M.METRICS:
+    raise DataError(f"metric {metric!r}: expected one of {', '.join(M.METRICS)}")
   if metric == "choice":
     missing = [r.source for r in records if r.choices is None]
     if missing:
       raise DataError(f"{missing[0]}: metric 'choice' needs a 'choices' field in every record "
                       f"({len(missing)} of {len(records)} have none)")
-  model = hf.load(model_name, dtype=dtype)
-  tokenizer = load_tokenizer(model_name)
-  bar = tqdm(total=len(records), desc=f"{metric} on {data}", unit="record")
+
+
+def score_records(model, tokenizer, records, metric: str, *, chat_template="auto", max_len: int = 2048,
+                  max_new_tokens: int = 256, batch_size: int = 8, params=None, desc: str | None = None):
+  """(results {"accuracy"[, "accuracy_norm"] or "ppl", "tokens"; "n", "metric"}, a row per record) of an
+  in-memory model (`params` overrides its weights): what `evaluate_dataset` and the methods' validation use.
+
+  Prompts are laid out as training lays them out (the tokenizer's chat template when it has one,
+  `chat_template`); answers are greedy, through the batched KV-cache decoder, up to the first EOS."""
+  from tqdm import tqdm
+
+  from calm_jax import decoding, scoring
+  from calm_jax.data import encode_prompt, encode_record, prompt_and_reference
+  from calm_jax.data import metrics as M
+
+  check_metric(records, metric)
+  bar = tqdm(total=len(records), desc=desc or metric, unit="record", disable=desc is None)
   rows = []
   if metric in ("exact", "number"):
     prompts = [encode_prompt(r, tokenizer, chat_template=chat_template, max_len=max_len - max_new_tokens)
@@ -72,7 +104,8 @@ def evaluate_dataset(model_name, data, metric: str, out, *, fmt: str = "auto", f
     generated = [None] * len(records)
     for s in range(0, len(order), batch_size):
       idx = order[s:s + batch_size]
-      outs = decoding.generate(model, [prompts[i] for i in idx], max_new_tokens=max_new_tokens, eos_token_id=eos)
+      outs = decoding.generate(model, [prompts[i] for i in idx], max_new_tokens=max_new_tokens, eos_token_id=eos,
+                               params=params)
       for i, toks in zip(idx, outs):
         generated[i] = tokenizer.decode([t for t in toks if t not in eos]).strip()
       bar.update(len(idx))
@@ -85,7 +118,8 @@ def evaluate_dataset(model_name, data, metric: str, out, *, fmt: str = "auto", f
     pairs = [(i, c) for i, r in enumerate(records) for c in r.choices]
     enc = [encode_record(_with_answer(records[i], c), tokenizer, chat_template=chat_template, max_len=max_len)
            for i, c in pairs]
-    total, _, _ = scoring.score(model, [e.ids for e in enc], [e.loss_mask for e in enc], batch_size=batch_size)
+    total, _, _ = scoring.score(model, [e.ids for e in enc], [e.loss_mask for e in enc], batch_size=batch_size,
+                                params=params)
     logliks = [[] for _ in records]
     for (i, _), v in zip(pairs, total):
       logliks[i].append(float(v))
@@ -99,23 +133,13 @@ def evaluate_dataset(model_name, data, metric: str, out, *, fmt: str = "auto", f
   else:  # ppl
     enc = [encode_record(r, tokenizer, chat_template=chat_template, max_len=max_len) for r in records]
     total, count, _ = scoring.score(model, [e.ids for e in enc], [e.loss_mask for e in enc], batch_size=batch_size,
-                                    progress=bar.update)
+                                    params=params, progress=bar.update)
     for r, v, n in zip(records, total, count):
       rows.append({"generated": None, "reference": prompt_and_reference(r)[1],
                    "score": float(np.exp(-v / n)) if n else float("nan"), "tokens": int(n)})
     results = {"ppl": M.perplexity(-total, count), "tokens": int(count.sum())}
   bar.close()
-  results = {**results, "n": len(records), "metric": metric, "model": str(model_name), "data": str(data)}
-  with atomic_dir(out, overwrite=overwrite, inputs=[data]) as tmp:
-    (tmp / "results.json").write_text(json.dumps(results, indent=2))
-    with open(tmp / "predictions.jsonl", "w") as f:
-      for r, row in zip(records, rows):
-        prompt = prompt_and_reference(r)[0]
-        text = prompt.prompt if prompt.messages is None else [m._asdict() for m in prompt.messages]
-        f.write(json.dumps({"prompt": text, **row, "source": r.source}, ensure_ascii=False) + "\n")
-  shown = {k: v for k, v in results.items() if k in ("accuracy", "accuracy_norm", "ppl", "n")}
-  print(f"{metric} on {data}: {shown} -> {out}")
-  return results
+  return {**results, "n": len(records), "metric": metric}, rows
 
 
 def _with_answer(record, answer: str):

@@ -65,3 +65,12 @@ def add_common(c: ml_collections.ConfigDict, *, steps: int, batch_size: int) -> 
   # changes are recorded in checkpoints/meta.json); False: such a resume is refused, naming them.
   c.resume_with_changes = False
   return c
+
+
+def data_files() -> dict:
+  """The `data` keys every method shares for users' dataset files (`calm_jax.data.load_dataset_config`):
+  train (a file or Hub dataset; empty = the synthetic suite), val / test, or val_fraction of train,
+  the record format, field names, the chat template switch and the longest row in tokens."""
+  return dict(train="", val="", test="", val_fraction=0.0, seed=0, format="auto", chat_template="auto",
+              max_len=256, fields=dict(prompt="prompt", answer="answer", messages="messages", domain="domain",
+                                       choices="choices"))

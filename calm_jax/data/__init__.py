@@ -42,11 +42,17 @@ class DataSplits:
   max_len: int
   pad_id: int
 
+  @property
+  def seq_len(self) -> int:
+    """The longest row of any split (<= max_len), rounded up to a multiple of 8: what batches pad to."""
+    longest = max(len(e.ids) for recs in self.encoded.values() for e in recs)
+    return min(self.max_len, -(-longest // 8) * 8)
+
   def batches(self, split: str, batch_size: int, seed: int = 0) -> RecordBatches:
-    """`split`'s batches, padded to max_len."""
+    """`split`'s batches, padded to `seq_len`."""
     if split not in self.encoded:
       raise DataError(f"no {split!r} data is configured (have {sorted(self.encoded)})")
-    return RecordBatches(self.encoded[split], batch_size, self.max_len, self.pad_id, seed, domains=self.domains)
+    return RecordBatches(self.encoded[split], batch_size, self.seq_len, self.pad_id, seed, domains=self.domains)
 
 
 def load_dataset_config(data_cfg, tokenizer, max_len: int) -> DataSplits:
