@@ -8,6 +8,7 @@ the base's fingerprint), where `moa.experts.load_experts` stacks it with the oth
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from calm_jax.registry import register_method
 from calm_jax.tasks import mixture_batches, task_registry
 from calm_jax.tokenizers import load_tokenizer
 from calm_jax.train import lm_loss, train
-from calm_jax.train.workdir import check_finished
+from calm_jax.train.workdir import RunMismatchError, check_finished, differences
 from calm_jax.variables import LoRAParam
 
 
@@ -32,13 +33,19 @@ def lora_lm_loss(model: LoRAModel, batch, rng):
 
 
 def train_lora(base_hf, tasks: dict[str, float] | None, lora_cfg, train_cfg, task_args, workdir, *,
-               metadata: dict | None = None, quiet: bool = True, batch_fn=None) -> Path:
-  """Trains a LoRA of the base on `tasks` ({name: weight}) or on `batch_fn(step)` (users' data); returns
-  WORKDIR/adapter (reused if present)."""
+               metadata: dict | None = None, quiet: bool = True, batch_fn=None, data_identity: dict | None = None
+               ) -> Path:
+  """Trains a LoRA of the base on `tasks` ({name: weight}) or on `batch_fn(step)` (users' data, whose
+  `data_identity` the adapter records); returns WORKDIR/adapter, reused only for the same config and data."""
   workdir = Path(workdir)
   out = workdir / "adapter"
   if (out / ADAPTER_CONFIG).exists():
     check_finished(workdir, train_cfg, "LoRA")
+    recorded = json.loads((out / ADAPTER_CONFIG).read_text()).get("data_identity", {})
+    diff = differences(recorded, data_identity or {})
+    if diff:
+      raise RunMismatchError(f"{workdir} holds a LoRA trained on other data ({'; '.join(diff[:6])}); use a fresh "
+                             "workdir, or delete it to retrain")
     return out
   tokenizer = load_tokenizer(base_hf)
   base = hf.load(base_hf)
@@ -51,7 +58,8 @@ def train_lora(base_hf, tasks: dict[str, float] | None, lora_cfg, train_cfg, tas
                  workdir=workdir, quiet=quiet)
   save_adapter(out, result.model.factors(), spec, base.params(), overwrite=True,
                metadata={"tasks": dict(tasks or {}), "steps": int(train_cfg.steps),
-                         "final_loss": result.metrics.get("loss"), **(metadata or {})})
+                         "final_loss": result.metrics.get("loss"), "data_identity": data_identity or {},
+                         **(metadata or {})})
   return out
 
 
@@ -86,7 +94,7 @@ def run(config, workdir) -> dict:
 def run_on_files(config, workdir) -> dict:
   """A LoRA of `config.base` (the embedded base when empty) trained on `config.data.train` and scored, base vs
   base + LoRA, on the validation records with `config.eval.metric`. Every record is read and checked first."""
-  from calm_jax.data import load_dataset_config
+  from calm_jax.data import data_identity, load_dataset_config
   from calm_jax.evaluate import check_metric, score_records
   from calm_jax.hub import model_dir
 
@@ -100,7 +108,7 @@ def run_on_files(config, workdir) -> dict:
   check_metric(data.records[split], config.eval.metric)
   batch_fn = data.batches("train", int(config.train.batch_size), seed=int(config.train.seed))
   adapter = train_lora(base_hf, None, config.lora, config.train, None, workdir, quiet=False, batch_fn=batch_fn,
-                       metadata={"data": str(config.data.train)})
+                       metadata={"data": str(config.data.train)}, data_identity=data_identity(config.data))
   base = hf.load(base_hf)
   lora, spec, meta = load_adapter(adapter, base.params(), cfg=base.config)
   ev = config.eval

@@ -88,7 +88,8 @@ def test_domain_expert_on_dataset_files(tiny_base_dir, tmp_path):
   """The same expert from the user's side: `count` examples written as JSONL train / val files (the val
   records from the task's test split), `--config.base=` the base's HF directory, `--config.data.*`. The
   LoRA lifts exact match on the val file by at least 15 points over the base, scored by the method on the
-  records; `launch.eval --data` re-scores the base on the same file to the base score the run reported."""
+  records; `launch.eval --data` re-scores the base on the same file to the base score the run reported; the
+  finished run is not reused for another train file."""
   import subprocess
   import sys
 
@@ -101,11 +102,10 @@ def test_domain_expert_on_dataset_files(tiny_base_dir, tmp_path):
     (tmp_path / name).write_text("".join(json.dumps({"question": e.prompt, "answer": e.answer}) + "\n" for e in rows))
   root = Path(__file__).resolve().parents[1]
   base_hf = Path(tiny_base_dir) / "hf"
-  proc = subprocess.run([sys.executable, "-m", "launch.train", "--config=configs/moa/expert.py",
-                         f"--workdir={tmp_path / 'run'}", f"--config.base={base_hf}",
-                         f"--config.data.train={tmp_path / 'train.jsonl'}", f"--config.data.val={tmp_path / 'val.jsonl'}",
-                         "--config.data.fields.prompt=question", "--config.train.steps=60"],
-                        cwd=root, capture_output=True, text=True, timeout=300)
+  cmd = [sys.executable, "-m", "launch.train", "--config=configs/moa/expert.py", f"--workdir={tmp_path / 'run'}",
+         f"--config.base={base_hf}", f"--config.data.train={tmp_path / 'train.jsonl'}",
+         f"--config.data.val={tmp_path / 'val.jsonl'}", "--config.data.fields.prompt=question", "--config.train.steps=60"]
+  proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   res = json.loads((tmp_path / "run" / "results.json").read_text())
   assert res["split"] == "val" and res["metric"] == "exact" and res["n"] == 100, res
@@ -115,3 +115,7 @@ def test_domain_expert_on_dataset_files(tiny_base_dir, tmp_path):
                      cwd=root, capture_output=True, text=True, timeout=300)
   assert p.returncode == 0, p.stderr[-3000:]
   assert json.loads((tmp_path / "base_eval" / "results.json").read_text())["accuracy"] == res["base_accuracy"]
+  # The finished run is reused only for the same data: another train file in that workdir is refused.
+  (tmp_path / "train.jsonl").write_text("".join((tmp_path / "train.jsonl").read_text().splitlines(True)[:1000]))
+  again = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+  assert again.returncode == 2 and "trained on other data" in again.stderr and "data.train.blake2b" in again.stderr

@@ -12,6 +12,7 @@ A Hub name's splits are "train", "validation" and "test" for train, val and test
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 from calm_jax.data.batches import RecordBatches, split_records
@@ -23,7 +24,7 @@ __all__ = [
   "DataError", "Message", "Record", "read_records",
   "EncodedRecord", "encode_record", "encode_records", "encode_prompt", "prompt_and_reference", "template_tokenizer",
   "RecordBatches", "split_records",
-  "DataSplits", "load_dataset_config",
+  "DataSplits", "load_dataset_config", "data_identity",
 ]
 
 _HUB_SPLITS = {"train": "train", "val": "validation", "test": "test"}
@@ -53,6 +54,23 @@ class DataSplits:
     if split not in self.encoded:
       raise DataError(f"no {split!r} data is configured (have {sorted(self.encoded)})")
     return RecordBatches(self.encoded[split], batch_size, self.seq_len, self.pad_id, seed, domains=self.domains)
+
+
+def data_identity(data_cfg) -> dict:
+  """What defines a run's data: the `data` block's settings and a blake2b digest of each local file's bytes
+  (a Hub dataset: its name), so that a finished run is reused only for the same data."""
+  import hashlib
+  cfg = data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else dict(data_cfg)
+  out = {f"data.{k}": v for k, v in sorted(cfg.items()) if k != "task_args"}
+  for split in ("train", "val", "test"):
+    path = cfg.get(split)
+    if path and os.path.isfile(os.fspath(path)):
+      h = hashlib.blake2b(digest_size=16)
+      with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+          h.update(chunk)
+      out[f"data.{split}.blake2b"] = h.hexdigest()
+  return json.loads(json.dumps(out, default=str))
 
 
 def load_dataset_config(data_cfg, tokenizer, max_len: int) -> DataSplits:
