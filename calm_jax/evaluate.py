@@ -81,12 +81,15 @@ def check_metric(records, metric: str) -> None:
 
 
 def score_records(model, tokenizer, records, metric: str, *, chat_template="auto", max_len: int = 2048,
-                  max_new_tokens: int = 256, batch_size: int = 8, params=None, desc: str | None = None):
+                  max_new_tokens: int = 256, batch_size: int = 8, params=None, desc: str | None = None,
+                  generate_fn=None):
   """(results {"accuracy"[, "accuracy_norm"] or "ppl", "tokens"; "n", "metric"}, a row per record) of an
   in-memory model (`params` overrides its weights): what `evaluate_dataset` and the methods' validation use.
 
   Prompts are laid out as training lays them out (the tokenizer's chat template when it has one,
-  `chat_template`); answers are greedy, through the batched KV-cache decoder, up to the first EOS."""
+  `chat_template`); answers are greedy, through the batched KV-cache decoder, up to the first EOS.
+  `generate_fn(prompts, max_new_tokens, eos_ids) -> new token lists` replaces that decoder for `exact` and
+  `number` (a routed mixture of experts decides its route per batch, for example)."""
   from tqdm import tqdm
 
   from calm_jax import decoding, scoring
@@ -94,6 +97,8 @@ def score_records(model, tokenizer, records, metric: str, *, chat_template="auto
   from calm_jax.data import metrics as M
 
   check_metric(records, metric)
+  if generate_fn is not None and metric not in ("exact", "number"):
+    raise ValueError(f"generate_fn serves the generated metrics (exact, number), not {metric!r}")
   bar = tqdm(total=len(records), desc=desc or metric, unit="record", disable=desc is None)
   rows = []
   if metric in ("exact", "number"):
@@ -102,10 +107,11 @@ def score_records(model, tokenizer, records, metric: str, *, chat_template="auto
     eos = sorted({*model.config.eos_token_ids, tokenizer.eos_id})
     order = sorted(range(len(records)), key=lambda i: len(prompts[i]))
     generated = [None] * len(records)
+    if generate_fn is None:
+      generate_fn = lambda p, n, e: decoding.generate(model, p, max_new_tokens=n, eos_token_id=e, params=params)
     for s in range(0, len(order), batch_size):
       idx = order[s:s + batch_size]
-      outs = decoding.generate(model, [prompts[i] for i in idx], max_new_tokens=max_new_tokens, eos_token_id=eos,
-                               params=params)
+      outs = generate_fn([prompts[i] for i in idx], max_new_tokens, eos)
       for i, toks in zip(idx, outs):
         generated[i] = tokenizer.decode([t for t in toks if t not in eos]).strip()
       bar.update(len(idx))

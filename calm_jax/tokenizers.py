@@ -191,11 +191,19 @@ class HFTokenizer:
     return f"HFTokenizer({self.directory!r}, vocab_size={self.vocab_size})"
 
 
+# the files one of which an HF tokenizer directory holds (fast tokenizer, sentencepiece model, BPE vocab)
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
   """`CharTokenizer` if `directory` holds `char_tokenizer.json`, else `HFTokenizer` (`directory` may
   also be a model name `calm_jax.hub.model_dir` resolves)."""
   from calm_jax.hub import model_dir
+  from calm_jax.errors import UserError
   directory = model_dir(directory)
   if os.path.isfile(os.path.join(directory, CHAR_TOKENIZER_FILE)):
     return CharTokenizer.load(directory)
+  if os.path.isdir(directory) and not any(os.path.isfile(os.path.join(directory, f)) for f in HF_TOKENIZER_FILES):
+    raise UserError(f"{directory} has no tokenizer (none of {', '.join((CHAR_TOKENIZER_FILE,) + HF_TOKENIZER_FILES)}); "
+                    "copy the tokenizer files of the model it was made from into it")
   return HFTokenizer(directory)

@@ -21,6 +21,7 @@ ablations under their own keys), DIR/results.png, and prints the tables.
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -30,13 +31,13 @@ import numpy as np
 
 from calm_jax import hf
 from calm_jax.experiment import bar_chart, print_table, write_results
-from calm_jax.lora import LoRAModel, init_lora, load_adapter
+from calm_jax.lora import ADAPTER_CONFIG, LoRAModel, init_lora, load_adapter
 from calm_jax.pretrain import base_hf_dir
 from calm_jax.registry import register_method
 from calm_jax.tasks import Mixture, max_seq_len, task_registry
 from calm_jax.tokenizers import load_tokenizer
 from calm_jax.train import train
-from calm_jax.train.workdir import check_finished
+from calm_jax.train.workdir import RunMismatchError, check_finished, differences
 from calm_jax.variables import LoRAParam, RouterParam
 from moa import evaluate as E
 from moa.classifier import DomainClassifier, classifier_loss
@@ -63,30 +64,37 @@ def labelled_batches(domains, config, tokenizer, registry, batch_size):
 
 
 def train_moa(base_hf, spec, experts, routers, domains, tc, gamma, train_experts, workdir, tokenizer, registry,
-              seed) -> MoAModel:
-  """Stage 2 (reused if DIR/state exists): routers (+ experts if asked) on mixed labelled batches."""
+              seed, *, batch_fn=None, data_identity: dict | None = None) -> MoAModel:
+  """Stage 2 (reused if DIR/state exists, for the same config and data): routers (+ experts if asked) on mixed
+  labelled batches (`batch_fn`, default the suite's domains in equal parts)."""
   out = Path(workdir) / "state"
   base = hf.load(base_hf)
   c = ml_collections.ConfigDict(tc.to_dict())
   c.seed = seed
   if (out / "routers.safetensors").exists():
     check_finished(workdir, c, "MoA stage")
+    recorded = json.loads((out / "experts" / ADAPTER_CONFIG).read_text()).get("data_identity", {})
+    diff = differences(recorded, data_identity or {})
+    if diff:
+      raise RunMismatchError(f"{workdir} holds a MoA stage trained on other data ({'; '.join(diff[:6])}); use a "
+                             "fresh workdir, or delete it to retrain")
     return load_moa(out, base)
   model = MoAModel(base, spec, experts, routers, seed=seed)
   trainable, frozen = ((RouterParam, LoRAParam), ()) if train_experts else (RouterParam, LoRAParam)
   result = train(model, trainable=trainable, frozen=frozen, loss_fn=moa_loss(float(gamma)),
-                 batch_fn=labelled_batches(domains, c, tokenizer, registry, int(c.batch_size)),
+                 batch_fn=batch_fn or labelled_batches(domains, c, tokenizer, registry, int(c.batch_size)),
                  config=c, workdir=workdir, quiet=True)
-  save_moa(out, result.model, metadata={"domains": list(domains)}, overwrite=True)
+  save_moa(out, result.model, metadata={"domains": list(domains), "data_identity": data_identity or {}},
+           overwrite=True)
   return result.model
 
 
-def train_classifier(base_hf, domains, tc, workdir, tokenizer, registry, seed) -> DomainClassifier:
+def train_classifier(base_hf, domains, tc, workdir, tokenizer, registry, seed, *, batch_fn=None) -> DomainClassifier:
   c = ml_collections.ConfigDict(tc.to_dict())
   c.seed = seed
   model = DomainClassifier(hf.load(base_hf), len(domains), seed)
   result = train(model, trainable=RouterParam, loss_fn=classifier_loss,
-                 batch_fn=labelled_batches(domains, c, tokenizer, registry, int(c.batch_size)),
+                 batch_fn=batch_fn or labelled_batches(domains, c, tokenizer, registry, int(c.batch_size)),
                  config=c, workdir=workdir, quiet=True)
   return result.model
 
@@ -100,6 +108,9 @@ def score(base, spec, experts, route_fn, tokenizer, domains, ev, registry, eval_
 
 @register_method("moa_suite")
 def run(config, workdir) -> dict:
+  if config.data.get("domains"):
+    from moa.user_data import run_on_files
+    return run_on_files(config, workdir)
   t0 = time.time()
   workdir = Path(workdir)
   base_hf = base_hf_dir(config.base_workdir, config.pretrain, fallback=workdir / "base")

@@ -309,6 +309,19 @@ def test_template_that_is_not_prefix_stable_is_refused(chat_tok_dir):
     encode_record(Record(prompt="a", answer="b", source="f.jsonl:7"), tok, max_len=64)
 
 
+def test_answer_empty_after_templating_is_refused(chat_tok_dir):
+  """A template that drops what it is given (here: trims, and the answer is whitespace inside a chat record)
+  leaves only its end-of-turn marker to train on: refused naming the record, not trained on silently."""
+  tok = HFTokenizer(chat_tok_dir)
+  tok.hf.chat_template = CHATML.replace("{{ m['content'] }}", "{{ m['content'] | trim }}")
+  rec = Record(messages=(Message("user", "1+1"), Message("assistant", " \n ")), source="f.jsonl:3")
+  with pytest.raises(DataError, match=r"f\.jsonl:3: the answer of assistant turn 1 is empty after templating"):
+    encode_record(rec, tok, max_len=64)
+  # the same template with a real answer is fine, and trains on exactly it and the marker
+  ok = encode_record(Record(prompt="1+1", answer=" 2 ", source="f.jsonl:4"), tok, max_len=64)
+  assert [tok.hf.decode(r, skip_special_tokens=False) for r in _spans(ok)] == ["2<|im_end|>\n"]
+
+
 # ---- batches and splits -------------------------------------------------------------------------------
 
 

@@ -137,6 +137,21 @@ def test_missing_layer_and_wrong_shape_are_named(zoo_saved, tmp_path):
     load_peft(_peft_dir(tmp_path, {}, tensors), cfg)
 
 
+def test_an_adapter_for_another_architecture_or_depth_is_named(zoo_saved, tmp_path):
+  """A GPT-2 adapter (its `c_attn` names), and an adapter of a deeper model, on our llama base: refused naming the
+  tensor and what the base is, before any weight is read."""
+  _, path = zoo_saved("llama_gqa")
+  cfg = hf.load_config(path)
+  gpt2 = {"base_model.model.transformer.h.0.attn.c_attn.lora_A.weight": np.zeros((2, 8), np.float32)}
+  with pytest.raises(AdapterError, match=rf"unexpected tensor .*c_attn.* for a {cfg.num_layers}-layer llama base"):
+    load_peft(_peft_dir(tmp_path, {}, gpt2), cfg)
+  shutil.rmtree(tmp_path / "bad")
+  deep = {f"base_model.model.model.layers.{cfg.num_layers}.self_attn.q_proj.lora_A.weight":
+          np.zeros((2, cfg.hidden_size), np.float32)}
+  with pytest.raises(AdapterError, match=rf"layers\.{cfg.num_layers}\..* for a {cfg.num_layers}-layer"):
+    load_peft(_peft_dir(tmp_path, {}, deep), cfg)
+
+
 @pytest.mark.slow
 def test_peft_adapters_of_different_targets_ranks_and_alphas_become_one_expert_stack(zoo_saved, tmp_path):
   """Two peft adapters (q/v rank 2 alpha 8; down/o rank 4 alpha 2, rsLoRA): stacked as MoA experts, each

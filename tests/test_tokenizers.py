@@ -119,3 +119,16 @@ def test_hf_tokenizer_without_bos(tmp_path):
 def test_hf_tokenizer_names_a_missing_dir(tmp_path):
   with pytest.raises(ValueError, match="no model directory"):
     HFTokenizer(os.path.join(tmp_path, "does-not-exist"))
+
+
+def test_a_model_directory_without_a_tokenizer_is_named(tmp_path):
+  """A checkpoint saved without its tokenizer (weights and config.json only) is refused naming the directory and
+  the files looked for, not with the transformers conversion traceback."""
+  import pytest
+
+  from calm_jax.errors import UserError
+  from calm_jax.tokenizers import load_tokenizer
+  (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+  (tmp_path / "model.safetensors").write_bytes(b"")
+  with pytest.raises(UserError, match=rf"{tmp_path} has no tokenizer \(none of .*tokenizer\.json"):
+    load_tokenizer(tmp_path)

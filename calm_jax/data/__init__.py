@@ -24,7 +24,7 @@ __all__ = [
   "DataError", "Message", "Record", "read_records",
   "EncodedRecord", "encode_record", "encode_records", "encode_prompt", "prompt_and_reference", "template_tokenizer",
   "RecordBatches", "split_records",
-  "DataSplits", "load_dataset_config", "data_identity",
+  "DataSplits", "load_dataset_config", "data_identity", "named_files",
 ]
 
 _HUB_SPLITS = {"train": "train", "val": "validation", "test": "test"}
@@ -54,6 +54,30 @@ class DataSplits:
     if split not in self.encoded:
       raise DataError(f"no {split!r} data is configured (have {sorted(self.encoded)})")
     return RecordBatches(self.encoded[split], batch_size, self.seq_len, self.pad_id, seed, domains=self.domains)
+
+
+def named_files(value, key: str) -> dict[str, str]:
+  """{name: file} from a config value: a dict, or the command line's string `"name=path,name=path"`
+  (`--config.data.domains=math=m.jsonl,code=c.jsonl`). `key` names the setting in errors."""
+  if hasattr(value, "to_dict"):
+    value = value.to_dict()
+  if isinstance(value, dict):
+    out = {str(k): str(v) for k, v in value.items()}
+  else:
+    out = {}
+    for part in (p.strip() for p in str(value or "").split(",")):
+      if not part:
+        continue
+      name, sep, path = part.partition("=")
+      if not sep or not name.strip() or not path.strip():
+        raise DataError(f"{key}: {part!r} is not name=path (expected e.g. 'math=math.jsonl,code=code.jsonl')")
+      if name.strip() in out:
+        raise DataError(f"{key}: {name.strip()!r} is given twice")
+      out[name.strip()] = path.strip()
+  empty = [k for k, v in out.items() if not v]
+  if empty:
+    raise DataError(f"{key}: no file for {empty[0]!r}")
+  return out
 
 
 def data_identity(data_cfg) -> dict:

@@ -135,6 +135,10 @@ def _templated(record: Record, tokenizer, hf) -> tuple[list[int], list[int], int
     if len(upto) == len(before):
       raise DataError(f"{record.source}: assistant turn {k} renders to no tokens with the chat template of "
                       f"{tokenizer!r}")
+    if upto == _render(hf, turns[:k] + [{**turns[k], "content": ""}], False, record.source, tokenizer):
+      raise DataError(f"{record.source}: the answer of assistant turn {k} is empty after templating (the chat "
+                      f"template of {tokenizer!r} renders it as it renders an empty answer), so nothing of it "
+                      "would be trained on or scored")
     mask[len(before): len(upto)] = [1] * (len(upto) - len(before))
     prompt_len = len(before) if prompt_len is None else prompt_len
   if prompt_len == 0:
