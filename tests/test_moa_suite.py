@@ -104,7 +104,8 @@ def test_domain_expert_on_dataset_files(tiny_base_dir, tmp_path):
   base_hf = Path(tiny_base_dir) / "hf"
   cmd = [sys.executable, "-m", "launch.train", "--config=configs/moa/expert.py", f"--workdir={tmp_path / 'run'}",
          f"--config.base={base_hf}", f"--config.data.train={tmp_path / 'train.jsonl'}",
-         f"--config.data.val={tmp_path / 'val.jsonl'}", "--config.data.fields.prompt=question", "--config.train.steps=60"]
+         f"--config.data.val={tmp_path / 'val.jsonl'}", "--config.data.fields.prompt=question",
+         "--config.train.steps=60"]
   proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   res = json.loads((tmp_path / "run" / "results.json").read_text())
