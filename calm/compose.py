@@ -19,6 +19,13 @@ position" is one learnable pattern instead of a content match the anchor's state
 should read nothing from m_A (an operand the anchor already understands) need no m_A state that
 projects to zero.
 
+Across tokenizers (`own_tokens`, calm/spans.py): an augmenting model may read its own tokenization
+of the same text (`AugStream`: tokens, valid, positions and end keys [B, S]); anchor position t then
+reads its position s iff the character span of s ends at or before that of anchor token t
+(`cross_mask`: `aug_end[s] <= anchor_end[t]`), so nothing after anchor token t's last character
+reaches the anchor's logits at t. With identical tokenizations the end keys increase with the
+position and this is the causal mask above, exactly.
+
 Parameters are one pure pytree `{"anchor", "augments": (..), "compose": (..)}`; per augmenting
 model the connection parameters are stacked on a leading axis. The anchor runs as contiguous
 segments of its layer stack (`run_layers`) with the cross-attentions between them; the
@@ -59,12 +66,18 @@ class CompositionSpec:
   aug_mode: str = "iterative"
   cross_rope: bool = False
   cross_null: bool = False
+  own_tokens: tuple[bool, ...] = ()
+
+  def own(self, m: int) -> bool:
+    """Whether augmenting model m reads its own token stream (another tokenizer) rather than the anchor's."""
+    return bool(self.own_tokens) and self.own_tokens[m]
 
   @classmethod
   def make(cls, anchor: DecoderConfig, augments: Sequence[DecoderConfig], *, augment_layers=None,
            anchor_layers=None, num_heads: int | None = None, aug_mode: str = "iterative",
-           cross_rope: bool = False, cross_null: bool = False) -> "CompositionSpec":
-    """augment_layers / anchor_layers: one list per augmenting model (None = the defaults)."""
+           cross_rope: bool = False, cross_null: bool = False, own_tokens=None) -> "CompositionSpec":
+    """augment_layers / anchor_layers: one list per augmenting model (None = the defaults).
+    own_tokens: per augmenting model, True when it has its own tokenizer (None = all share the anchor's)."""
     augments = tuple(augments)
     if not augments:
       raise CompositionError("CALM needs at least one augmenting model")
@@ -73,8 +86,11 @@ class CompositionSpec:
     if len(aug_l) != len(augments) or len(anc_l) != len(augments):
       raise CompositionError(f"{len(augments)} augmenting models but {len(aug_l)} augment_layers lists and "
                              f"{len(anc_l)} anchor_layers lists")
-    conns = tuple(resolve(anchor, a, al, bl, name=f"augment {m}")
-                  for m, (a, al, bl) in enumerate(zip(augments, aug_l, anc_l)))
+    own = tuple(bool(x) for x in own_tokens) if own_tokens is not None else (False,) * len(augments)
+    if len(own) != len(augments):
+      raise CompositionError(f"{len(augments)} augmenting models but {len(own)} own_tokens flags")
+    conns = tuple(resolve(anchor, a, al, bl, name=f"augment {m}", shared_tokens=not o)
+                  for m, (a, al, bl, o) in enumerate(zip(augments, aug_l, anc_l, own)))
     heads = int(num_heads or anchor.num_heads)
     if heads < 1 or anchor.hidden_size % heads:
       raise CompositionError(f"num_heads {heads} must divide the anchor width {anchor.hidden_size}")
@@ -83,7 +99,13 @@ class CompositionSpec:
     head_dim = anchor.hidden_size // heads
     if cross_rope and head_dim % 2:
       raise CompositionError(f"cross_rope needs an even cross-attention head size, got {head_dim}")
-    return cls(anchor, augments, conns, heads, head_dim, aug_mode, bool(cross_rope), bool(cross_null))
+    if any(own) and cross_rope:
+      raise CompositionError("cross_rope rotates by token positions, which two tokenizers do not share; "
+                             "turn it off for an augmenting model with its own tokenizer")
+    if any(own) and aug_mode != "iterative":
+      raise CompositionError("an augmenting model with its own tokenizer needs aug_mode 'iterative'")
+    return cls(anchor, augments, conns, heads, head_dim, aug_mode, bool(cross_rope), bool(cross_null),
+               own if any(own) else ())
 
   def boundaries(self) -> tuple[int, ...]:
     """Anchor layers after which some cross-attention is added, sorted."""
@@ -163,10 +185,24 @@ def cross_attention(cp, c: int, h, k, v, mask, eps, rope=None):
   return jnp.einsum("bthd,hde->bte", a, cp["o"][c].astype(a.dtype)).astype(h.dtype)
 
 
+class AugStream(NamedTuple):
+  """An augmenting model's own tokenization of the text (calm/spans.py): tokens, valid, positions and end
+  keys, each [B, S]. End keys order character ends (spans.end_keys): slot s is readable from anchor
+  token t iff ends[s] <= the anchor's end key at t."""
+  tokens: jax.Array
+  valid: jax.Array
+  positions: jax.Array
+  ends: jax.Array
+
+
 class CalmCache(NamedTuple):
   """Decoding state of a composition: the anchor's self-attention cache per segment of its
   layer stack, one cache per augmenting model, the projected cross keys/values per augmenting
-  model [C, B, S, H, D], slot validity (anchor [B, S], cross [B, S]) and the next write slot."""
+  model [C, B, S, H, D], slot validity (anchor [B, S], cross [B, S]) and the next write slot.
+
+  own[m]: for an augmenting model with its own token stream, (valid [B, S_m], end keys [B, S_m]) of
+  its slots, which it fills at its own pace (its KVCache's index); None for one that shares the
+  anchor's slots."""
   anchor: tuple[tuple[jax.Array, jax.Array], ...]
   augments: tuple[dec.KVCache, ...]
   cross_k: tuple[jax.Array, ...]
@@ -174,18 +210,23 @@ class CalmCache(NamedTuple):
   valid: jax.Array
   cross_valid: jax.Array
   index: jax.Array
+  own: tuple = ()
 
   @classmethod
-  def empty(cls, spec: CompositionSpec, batch: int, length: int, dtype) -> "CalmCache":
+  def empty(cls, spec: CompositionSpec, batch: int, length: int, dtype, aug_lengths=None) -> "CalmCache":
+    """aug_lengths[m]: the slots of augmenting model m when it has its own token stream."""
     a = spec.anchor
     segs = _segments(spec)
     shape = lambda n: (n, batch, a.num_kv_heads, length, a.head_dim)
     anchor = tuple((jnp.zeros(shape(e - s), dtype), jnp.zeros(shape(e - s), dtype)) for s, e in segs)
-    augs = tuple(dec.KVCache.empty(c, batch, length, dtype) for c in spec.augments)
-    cross = tuple(jnp.zeros((len(c), batch, length, spec.num_heads, spec.head_dim), dtype)
-                  for c in spec.connections)
+    n = [int(aug_lengths[m]) if spec.own(m) else length for m in range(len(spec.augments))]
+    augs = tuple(dec.KVCache.empty(c, batch, n[m], dtype) for m, c in enumerate(spec.augments))
+    cross = tuple(jnp.zeros((len(c), batch, n[m], spec.num_heads, spec.head_dim), dtype)
+                  for m, c in enumerate(spec.connections))
+    own = tuple((jnp.zeros((batch, n[m]), bool), jnp.zeros((batch, n[m]), jnp.int32)) if spec.own(m) else None
+                for m in range(len(spec.augments)))
     return cls(anchor, augs, cross, cross, jnp.zeros((batch, length), bool), jnp.zeros((batch, length), bool),
-               jnp.zeros((), jnp.int32))
+               jnp.zeros((), jnp.int32), own)
 
 
 def _segments(spec: CompositionSpec) -> list[tuple[int, int]]:
@@ -194,21 +235,32 @@ def _segments(spec: CompositionSpec) -> list[tuple[int, int]]:
   return [(s, e) for s, e in zip(cuts[:-1], cuts[1:]) if e > s]
 
 
+def cross_mask(q_ends, kv_ends, kv_valid):
+  """[B, T, S]: anchor query t reads augmenting slot s iff s is valid and its character span ends at or
+  before anchor token t's (`kv_ends[s] <= q_ends[t]`, end keys of calm/spans.py): causal in characters."""
+  return (kv_ends[:, None, :] <= q_ends[:, :, None]) & kv_valid.astype(bool)[:, None, :]
+
+
+def augment_state(spec: CompositionSpec, params, m: int, tokens, *, positions, valid, cache: dec.KVCache | None = None):
+  """Runs augmenting model m; returns (its connected states [C, B, T, E_A] without gradient, its new KVCache or
+  None)."""
+  _, aux = dec.forward(spec.augments[m], params["augments"][m], tokens, positions=positions, valid=valid,
+                       cache=cache, return_hidden=True)
+  idx = np.asarray([i for i, _ in spec.connections[m]])
+  return jax.lax.stop_gradient(aux["hidden"][idx]), aux["cache"]
+
+
 def augment_states(spec: CompositionSpec, params, tokens, *, positions, valid, cache: CalmCache | None = None):
-  """Runs every augmenting model; returns (per model its connected states [C, B, T, E_A] without
-  gradient, per model its new KVCache or None)."""
-  states, caches = [], []
-  for m, (cfg, conns) in enumerate(zip(spec.augments, spec.connections)):
-    _, aux = dec.forward(cfg, params["augments"][m], tokens, positions=positions, valid=valid,
-                         cache=None if cache is None else cache.augments[m], return_hidden=True)
-    idx = np.asarray([i for i, _ in conns])
-    states.append(jax.lax.stop_gradient(aux["hidden"][idx]))
-    caches.append(aux["cache"])
-  return states, caches
+  """Runs every augmenting model on the anchor's tokens; returns (per model its connected states [C, B, T, E_A]
+  without gradient, per model its new KVCache or None)."""
+  out = [augment_state(spec, params, m, tokens, positions=positions, valid=valid,
+                       cache=None if cache is None else cache.augments[m]) for m in range(len(spec.augments))]
+  return [x[0] for x in out], [x[1] for x in out]
 
 
 def forward(spec: CompositionSpec, params, tokens, *, valid=None, positions=None, aug_valid=None,
-            cache: CalmCache | None = None, run_augments: bool = True, return_hidden: bool = False):
+            cache: CalmCache | None = None, run_augments: bool = True, return_hidden: bool = False,
+            streams: Sequence[AugStream | None] | None = None, ends=None):
   """Composed logits [B, T, V] (fp32) for tokens [B, T]; returns (logits, new cache or None), and with
   `return_hidden` also {anchor layer j: its composed output [B, T, E]} for every connected j.
 
@@ -216,6 +268,9 @@ def forward(spec: CompositionSpec, params, tokens, *, valid=None, positions=None
   (default valid; the encoder ablation masks the answer). With a cache, the T tokens go to
   slots cache.index..; run_augments=False leaves m_A out for these tokens (encoder decoding:
   their cross slots stay invalid).
+  streams[m]: the own token stream (`AugStream`) of an augmenting model with `spec.own(m)`, read
+  through `cross_mask` with `ends` [B, T], the anchor tokens' end keys; with a cache, its tokens
+  are appended to that model's own slots.
   """
   a = spec.anchor
   b, t = tokens.shape
@@ -225,51 +280,77 @@ def forward(spec: CompositionSpec, params, tokens, *, valid=None, positions=None
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
   index = jnp.zeros((), jnp.int32) if cache is None else cache.index
   rope = cross_rope_tables(spec, positions)
+  n_aug = len(spec.augments)
+  streams = tuple(streams) if streams is not None else (None,) * n_aug
+  if len(streams) != n_aug or any((x is not None) != spec.own(m) for m, x in enumerate(streams)):
+    raise CompositionError(f"streams: give an AugStream exactly for the augmenting models with their own "
+                           f"tokenizer {[spec.own(m) for m in range(n_aug)]}")
+  if any(x is not None for x in streams) and ends is None:
+    raise CompositionError("augmenting models with their own tokens need the anchor tokens' end keys (ends)")
 
   # Keys/values of every connection: fresh, or written into the cache and read back from it.
-  cross_k, cross_v, aug_caches = [], [], [None] * len(spec.augments)
+  cross_k, cross_v, aug_caches, masks, own = [], [], [None] * n_aug, [None] * n_aug, [None] * n_aug
+  shared = [m for m in range(n_aug) if streams[m] is None]
   if cache is None:
-    states, _ = augment_states(spec, params, tokens, positions=positions, valid=valid)
-    for m, s in enumerate(states):
-      k, v = project_kv(params["compose"][m], s, a.rms_norm_eps, rope)
-      cross_k.append(k)
-      cross_v.append(v)
     cross_valid = aug_valid
-  else:
-    if run_augments:
-      states, aug_caches = augment_states(spec, params, tokens, positions=positions, valid=valid, cache=cache)
-    else:
-      aug_caches = list(cache.augments)
-    for m in range(len(spec.augments)):
-      k, v = cache.cross_k[m], cache.cross_v[m]
-      if run_augments:
-        kn, vn = project_kv(params["compose"][m], states[m], a.rms_norm_eps, rope)
-        k = jax.lax.dynamic_update_slice(k, kn.astype(k.dtype), (0, 0, index, 0, 0))
-        v = jax.lax.dynamic_update_slice(v, vn.astype(v.dtype), (0, 0, index, 0, 0))
+    for m in range(n_aug):
+      x = streams[m]
+      if x is None:
+        s, _ = augment_state(spec, params, m, tokens, positions=positions, valid=valid)
+      else:
+        s, _ = augment_state(spec, params, m, x.tokens, positions=x.positions, valid=x.valid.astype(bool))
+        masks[m] = cross_mask(ends, x.ends, x.valid)
+      k, v = project_kv(params["compose"][m], s, a.rms_norm_eps, rope if x is None else None)
       cross_k.append(k)
       cross_v.append(v)
+  else:
     new_cross = aug_valid if run_augments else jnp.zeros_like(aug_valid)
     cross_valid = jax.lax.dynamic_update_slice(cache.cross_valid, new_cross, (0, index))
+    for m in range(n_aug):
+      x, k, v = streams[m], cache.cross_k[m], cache.cross_v[m]
+      if x is not None:  # its own slots, from its own index
+        at = cache.augments[m].index
+        s, aug_caches[m] = augment_state(spec, params, m, x.tokens, positions=x.positions,
+                                         valid=x.valid.astype(bool), cache=cache.augments[m])
+        kn, vn = project_kv(params["compose"][m], s, a.rms_norm_eps)
+        ov = jax.lax.dynamic_update_slice(cache.own[m][0], x.valid.astype(bool), (0, at))
+        oe = jax.lax.dynamic_update_slice(cache.own[m][1], x.ends.astype(jnp.int32), (0, at))
+        own[m] = (ov, oe)
+        masks[m] = cross_mask(ends, oe, ov)
+      elif run_augments:
+        s, aug_caches[m] = augment_state(spec, params, m, tokens, positions=positions, valid=valid,
+                                         cache=cache.augments[m])
+        kn, vn = project_kv(params["compose"][m], s, a.rms_norm_eps, rope)
+        at = index
+      else:
+        aug_caches[m] = cache.augments[m]
+      if x is not None or run_augments:
+        k = jax.lax.dynamic_update_slice(k, kn.astype(k.dtype), (0, 0, at, 0, 0))
+        v = jax.lax.dynamic_update_slice(v, vn.astype(v.dtype), (0, 0, at, 0, 0))
+      cross_k.append(k)
+      cross_v.append(v)
 
   kv_valid = valid if cache is None else jax.lax.dynamic_update_slice(cache.valid, valid, (0, index))
-  q_slots = index + jnp.arange(t)
-  cross_mask = attention_mask(q_slots, cross_valid)  # causal over slots: position t reads m_A <= t
+  if shared:
+    q_slots = index + jnp.arange(t)
+    shared_mask = attention_mask(q_slots, cross_valid)  # causal over slots: position t reads m_A <= t
+    masks = [shared_mask if mk is None else mk for mk in masks]
 
   # The anchor: contiguous segments of its stack, cross-attention added after connected layers.
-  at = {j: [(m, c) for m, conns in enumerate(spec.connections) for c, (_, jj) in enumerate(conns) if jj == j]
-        for j in spec.boundaries()}
+  at_layer = {j: [(m, c) for m, conns in enumerate(spec.connections) for c, (_, jj) in enumerate(conns) if jj == j]
+              for j in spec.boundaries()}
 
   def compose_at(j, h):
     """h plus the updates of every connection into anchor layer j (each from the same state h)."""
-    updates = [cross_attention(params["compose"][m], c, h, cross_k[m][c], cross_v[m][c], cross_mask, a.rms_norm_eps,
-                               rope) for m, c in at.get(j, ())]
+    updates = [cross_attention(params["compose"][m], c, h, cross_k[m][c], cross_v[m][c], masks[m], a.rms_norm_eps,
+                               rope if streams[m] is None else None) for m, c in at_layer.get(j, ())]
     if not updates:
       return h
     return h + sum(updates[1:], updates[0])
 
   hidden = {}
   h = compose_at(0, dec.embed(params["anchor"], tokens))  # anchor layer 0: the embedding output
-  if 0 in at:
+  if 0 in at_layer:
     hidden[0] = h
   new_anchor = []
   for n, (s, e) in enumerate(_segments(spec)):
@@ -279,11 +360,11 @@ def forward(spec: CompositionSpec, params, tokens, *, valid=None, positions=None
                               layer_ids=np.arange(s, e))
     new_anchor.append(kv)
     h = compose_at(e, h)
-    if at.get(e):
+    if at_layer.get(e):
       hidden[e] = h
   logits = dec.unembed(a, params["anchor"], h)
   new = None if cache is None else CalmCache(tuple(new_anchor), tuple(aug_caches), tuple(cross_k), tuple(cross_v),
-                                             kv_valid, cross_valid, index + t)
+                                             kv_valid, cross_valid, index + t, tuple(own))
   return (logits, new, hidden) if return_hidden else (logits, new)
 
 
@@ -314,6 +395,11 @@ def _apply(spec, params, tokens, valid, aug_valid):
   return forward(spec, params, tokens, valid=valid, aug_valid=aug_valid)[0]
 
 
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _apply_streams(spec, params, tokens, valid, streams, ends):
+  return forward(spec, params, tokens, valid=valid, streams=streams, ends=ends)[0]
+
+
 class _Holder(nnx.Module):
   """Holder of one augmenting model's composition parameters."""
 
@@ -324,10 +410,11 @@ class Composed(nnx.Module):
 
   def __init__(self, anchor: dec.Decoder, augments: Sequence[dec.Decoder], *, augment_layers=None,
                anchor_layers=None, num_heads: int | None = None, aug_mode: str = "iterative", seed: int = 0,
-               compose_params=None, zero_output: bool = True, cross_rope: bool = False, cross_null: bool = False):
+               compose_params=None, zero_output: bool = True, cross_rope: bool = False, cross_null: bool = False,
+               own_tokens=None):
     self.spec = CompositionSpec.make(anchor.config, [m.config for m in augments], augment_layers=augment_layers,
                                      anchor_layers=anchor_layers, num_heads=num_heads, aug_mode=aug_mode,
-                                     cross_rope=cross_rope, cross_null=cross_null)
+                                     cross_rope=cross_rope, cross_null=cross_null, own_tokens=own_tokens)
     self.anchor = anchor
     self.num_augments = len(augments)
     for m, model in enumerate(augments):
@@ -356,9 +443,13 @@ class Composed(nnx.Module):
     return {"anchor": self.anchor.params(), "augments": tuple(m.params() for m in self.augments),
             "compose": self.compose_params()}
 
-  def __call__(self, tokens, valid=None, prompt_len=None):
-    """Teacher-forced logits; with prompt_len and aug_mode "encoder", m_A reads only the prompt."""
+  def __call__(self, tokens, valid=None, prompt_len=None, streams=None, ends=None):
+    """Teacher-forced logits; with prompt_len and aug_mode "encoder", m_A reads only the prompt; `streams` and
+    `ends` for augmenting models with their own tokenizer (`forward`)."""
     tokens = jnp.asarray(tokens, jnp.int32)
+    if streams is not None:
+      return _apply_streams(self.spec, self.params(), tokens, jnp.ones(tokens.shape, bool) if valid is None
+                            else jnp.asarray(valid).astype(bool), tuple(streams), jnp.asarray(ends, jnp.int32))
     valid = jnp.ones(tokens.shape, bool) if valid is None else jnp.asarray(valid).astype(bool)
     aug_valid = None
     if self.spec.aug_mode == "encoder":

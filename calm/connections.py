@@ -37,14 +37,17 @@ def default_anchor_layers(n_anchor: int, n: int) -> tuple[int, ...]:
 
 
 def resolve(anchor: DecoderConfig, augment: DecoderConfig, augment_layers: Sequence[int] | None = None,
-            anchor_layers: Sequence[int] | None = None, *, name: str = "augment") -> tuple[tuple[int, int], ...]:
-  """((augment layer, anchor layer), ...) for one augmenting model, checked against both models."""
-  if augment.vocab_size != anchor.vocab_size:
+            anchor_layers: Sequence[int] | None = None, *, name: str = "augment",
+            shared_tokens: bool = True) -> tuple[tuple[int, int], ...]:
+  """((augment layer, anchor layer), ...) for one augmenting model, checked against both models.
+  shared_tokens: the augmenting model reads the anchor's tokens, so their tokenizers must agree
+  (False: it has its own tokenizer and token stream, calm/spans.py)."""
+  if shared_tokens and augment.vocab_size != anchor.vocab_size:
     raise CompositionError(f"{name}: vocabulary size {augment.vocab_size} differs from the anchor's "
                            f"{anchor.vocab_size}; CALM feeds the same tokens to both models, so they need "
-                           "the same tokenizer")
+                           "the same tokenizer (or compose it with its own tokenizer: own_tokens)")
   specials = ("bos_token_id", "eos_token_ids", "pad_token_id")
-  for s in specials:
+  for s in specials if shared_tokens else ():
     a, b = getattr(augment, s, None), getattr(anchor, s, None)
     if a != b:
       raise CompositionError(f"{name}: {s} {a} differs from the anchor's {b} (different tokenizers)")

@@ -2,7 +2,7 @@
 import importlib
 
 METHOD_MODULES = ("calm_jax.pretrain", "merging.suite", "svf.suite", "moa.lora_training", "moa.suite",
-                  "calm.kv_arithmetic")
+                  "calm.kv_arithmetic", "calm.compose_files")
 
 
 def import_methods() -> None:
