@@ -1,9 +1,9 @@
 """The MoA experiment on a model and dataset files of one's own: one file per domain.
 
   python -m launch.train --config=configs/moa/suite.py --workdir=DIR --config.base=smollm2-135m-instruct \\
-      --config.data.domains=math=math.jsonl,code=code.jsonl,chat=chat.jsonl --config.data.val_fraction=0.1
+      --config.data.domains='{"math": "math.jsonl", "code": "code.jsonl"}' --config.data.val_fraction=0.1
 
-Domain X is the name of its file (`config.data.domains`, a dict or `name=path,...`); its records are split by
+Domain X is the name of its file (`config.data.domains`: {name: file}); its records are split by
 `data.val_domains` ({name: file}) or `data.val_fraction`. The steps are the suite's (moa/suite.py), on records:
 a LoRA per domain file, one LoRA on their union (as many steps as all experts together), the routers trained on
 the union with the file names as labels (LM + γ·CE), the separate classifier; then every mode scored with the
@@ -60,7 +60,7 @@ class DomainData:
 def domain_files(data_cfg) -> tuple[dict[str, str], dict[str, str]]:
   """({domain: train file}, {domain: val file}) from the config, checked before any model loads."""
   files = named_files(data_cfg.domains, "data.domains")
-  val_files = named_files(data_cfg.get("val_domains", "") or "", "data.val_domains")
+  val_files = named_files(data_cfg.get("val_domains") or {}, "data.val_domains")
   unknown = sorted(set(val_files) - set(files))
   if unknown:
     raise DataError(f"data.val_domains names {unknown[0]!r}, which is not in data.domains ({', '.join(files)})")

@@ -138,7 +138,7 @@ def _domain_files(tmp_path, n_train=1500, n_val=60):
 
 @pytest.mark.slow
 def test_moa_suite_on_domain_files(tiny_base_dir, tmp_path):
-  """The MoA suite from the user's side: one JSONL file per domain (`--config.data.domains=name=file,...`,
+  """The MoA suite from the user's side: one JSONL file per domain (`--config.data.domains='{name: file}'`,
   val files by `val_domains`), the base by `--config.base`. The file names are the labels: routers trained on
   the union pick each val prompt's domain at the last layer >= 90 % of the time (measured: 100 %); routed with
   no labels, MoA lifts `count` (0 % for the base) by >= 15 points; and the oracle row equals the count expert
@@ -155,8 +155,8 @@ def test_moa_suite_on_domain_files(tiny_base_dir, tmp_path):
   run = tmp_path / "run"
   cmd = [sys.executable, "-m", "launch.train", "--config=configs/moa/suite.py", f"--workdir={run}",
          f"--config.base={base_hf}",
-         f"--config.data.domains=count={files['count', 'train']},addition={files['addition', 'train']}",
-         f"--config.data.val_domains=count={files['count', 'val']},addition={files['addition', 'val']}",
+         "--config.data.domains=" + json.dumps({d: str(files[d, "train"]) for d in ("count", "addition")}),
+         "--config.data.val_domains=" + json.dumps({d: str(files[d, "val"]) for d in ("count", "addition")}),
          "--config.expert_train.steps=60", "--config.moa.steps=30", "--config.classifier.steps=20",
          "--config.lora.rank=4", "--config.eval.batch_size=64"]
   proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=900)
@@ -181,7 +181,7 @@ def test_moa_suite_domain_file_missing(tmp_path):
   (tmp_path / "a.jsonl").write_text(json.dumps({"prompt": "x", "answer": "y"}) + "\n")
   c = get_config()
   c.base_workdir = str(tmp_path / "no_base")
-  c.data.domains = f"a={tmp_path / 'a.jsonl'},b={tmp_path / 'missing.jsonl'}"
+  c.data.domains = {"a": str(tmp_path / "a.jsonl"), "b": str(tmp_path / "missing.jsonl")}
   c.data.val_fraction = 0.5
   run = tmp_path / "run"
   with pytest.raises(DataError, match=r"domain 'b' does not exist: .*missing\.jsonl"):

@@ -57,26 +57,15 @@ class DataSplits:
 
 
 def named_files(value, key: str) -> dict[str, str]:
-  """{name: file} from a config value: a dict, or the command line's string `"name=path,name=path"`
-  (`--config.data.domains=math=m.jsonl,code=c.jsonl`). `key` names the setting in errors."""
-  if hasattr(value, "to_dict"):
-    value = value.to_dict()
-  if isinstance(value, dict):
-    out = {str(k): str(v) for k, v in value.items()}
-  else:
-    out = {}
-    for part in (p.strip() for p in str(value or "").split(",")):
-      if not part:
-        continue
-      name, sep, path = part.partition("=")
-      if not sep or not name.strip() or not path.strip():
-        raise DataError(f"{key}: {part!r} is not name=path (expected e.g. 'math=math.jsonl,code=code.jsonl')")
-      if name.strip() in out:
-        raise DataError(f"{key}: {name.strip()!r} is given twice")
-      out[name.strip()] = path.strip()
-  empty = [k for k, v in out.items() if not v]
-  if empty:
-    raise DataError(f"{key}: no file for {empty[0]!r}")
+  """{name: file} of a config mapping (a dict or ConfigDict; JSON objects on the command line, e.g.
+  `--config.data.domains='{"math": "m.jsonl"}'`), checked; `key` names the setting in errors."""
+  value = value.to_dict() if hasattr(value, "to_dict") else value
+  if not isinstance(value, dict):
+    raise DataError(f"{key}: expected a mapping {{name: file}} (a JSON object on the command line), got {value!r}")
+  out = {str(k): v for k, v in value.items()}
+  for name, path in out.items():
+    if not isinstance(path, str) or not path:
+      raise DataError(f"{key}: the file of {name!r} must be a non-empty path, got {path!r}")
   return out
 
 

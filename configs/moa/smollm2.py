@@ -18,8 +18,8 @@ def get_config(arg=None):
   a = parse_arg(arg, data="data/instruct", tiny=False)
   c = suite_config()
   c.base = "smollm2-135m-instruct"
-  c.data.domains = ",".join(f"{t}={a.data}/{t}_train.jsonl" for t in TASKS)
-  c.data.val_domains = ",".join(f"{t}={a.data}/{t}_val.jsonl" for t in TASKS)
+  c.data.domains = {t: f"{a.data}/{t}_train.jsonl" for t in TASKS}
+  c.data.val_domains = {t: f"{a.data}/{t}_val.jsonl" for t in TASKS}
   c.data.max_len = 128
   c.lora.rank = 8
   for t, steps in ((c.expert_train, 150), (c.moa, 100), (c.classifier, 60)):

@@ -10,7 +10,7 @@ DIR/results.png and prints the tables. `:tiny` (tests): 2 domains, a few steps, 
 On a model and files of one's own (moa/user_data.py), one file per domain, the routers trained on their union:
 
   python -m launch.train --config=configs/moa/suite.py --workdir=DIR --config.base=smollm2-135m-instruct \
-      --config.data.domains=math=math.jsonl,code=code.jsonl --config.data.val_fraction=0.1
+      --config.data.domains='{"math": "math.jsonl", "code": "code.jsonl"}' --config.data.val_fraction=0.1
 """
 import ml_collections
 
@@ -30,8 +30,10 @@ def get_config(arg=None):
   c.base = ""                          # a model (directory, fetched name, Hub id) to use with data.domains
   c.data = ml_collections.ConfigDict(dict(task_args={k: dict(v) for k, v in TASK_ARGS.items()}))
   c.data.update(data_files())
-  c.data.domains = ""                  # "name=file,name=file" (or a dict): one file per domain, labels = names
-  c.data.val_domains = ""              # "name=file,...": validation records per domain (else data.val_fraction)
+  # {name: file}: one file per domain, the names are the labels; val_domains: validation files per domain (else
+  # data.val_fraction). On the command line as JSON objects: --config.data.domains='{"math": "math.jsonl", ...}'
+  c.data.domains = ml_collections.ConfigDict({})
+  c.data.val_domains = ml_collections.ConfigDict({})
   c.lora = lora_block()                # rank 8, alpha 16, all seven projections
   c.expert_train = lora_training(steps=300)  # per domain; the single LoRA gets len(domains) x as many
   c.moa = lora_training(steps=150, lr=3e-3)
