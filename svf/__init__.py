@@ -9,5 +9,7 @@ self-adaptation on the shared decoder.
   dispatch.py   first pass: classification prompt -> label -> expert (prompt / classification expert)
   cem.py        cross-entropy method over mixing coefficients (population evaluated in one vmap)
   adapt.py      the "svf_adapt" method: prompt dispatch, classification expert, few-shot CEM
+  on_files.py   an expert of any model on dataset files (config.base + config.data): metric = reward
+  adapt_files.py  adaptation on test records: the real classification prompt, a classifier, CEM
   suite.py      the "svf_suite" experiment
 """

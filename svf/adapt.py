@@ -180,11 +180,16 @@ def run(config, workdir) -> dict:
   from calm_jax.experiment import print_table, suite_accuracy, write_results
   from calm_jax.tokenizers import load_tokenizer
   from svf.train import attach_expert, base_dir, load_svf_model, registry_for
+  from calm_jax.data import named_files
+  if config.data.test:  # a model and test records of one's own
+    from svf.adapt_files import run_on_files
+    return run_on_files(config, workdir)
   base_hf = base_dir(config)
   tokenizer = load_tokenizer(base_hf)
   registry = registry_for(config)
   model = load_svf_model(config, base_hf)
-  paths = dict(config.experts) or {t: Path(config.experts_dir) / t / "expert.safetensors" for t in config.expert_tasks}
+  paths = named_files(config.experts, "config.experts") or {
+      t: str(Path(config.experts_dir) / t / "expert.safetensors") for t in config.expert_tasks}
   experts = load_experts(model, paths, config.allow_transfer)
   classifier = None
   if config.strategy == "classifier":

@@ -87,3 +87,57 @@ def classify(model, tokenizer, prompts, *, template: str, labels, params=None, b
 
 def dispatch_accuracy(predicted, truth) -> float:
   return float(np.mean([p == t for p, t in zip(predicted, truth)])) if truth else 0.0
+
+
+# ---- the paper's classification prompt, for instruction models: categories scored by log-likelihood ----
+
+def category_prompt(template: str, prompt: str, categories, examples=(), example_template: str = "") -> str:
+  """The classification prompt: `template` with {categories} (comma-separated), {examples} (each (prompt, label)
+  through `example_template`'s {prompt} and {label}) and {prompt}."""
+  shots = "".join(example_template.format(prompt=q, label=label) for q, label in examples)
+  return template.format(categories=", ".join(categories), examples=shots, prompt=prompt)
+
+
+def interleave_examples(examples: dict) -> list[tuple[str, str]]:
+  """{label: [prompt, ...]} -> (prompt, label) pairs, one of each label in turn (sorted labels), so no
+  category owns the end of the few-shot block."""
+  out, lists = [], {label: list(ps) for label, ps in sorted(dict(examples).items())}
+  for k in range(max((len(v) for v in lists.values()), default=0)):
+    out += [(ps[k], label) for label, ps in lists.items() if k < len(ps)]
+  return out
+
+
+def score_categories(model, tokenizer, prompts, categories, *, template: str, examples=(), example_template: str = "",
+                     params=None, chat_template="auto", per_token: bool = False, batch_size: int = 64,
+                     max_len: int = 4096, calibrate: bool = False) -> tuple[list[str], np.ndarray]:
+  """(label per prompt, log-likelihoods [n, C]): each category name is scored as the continuation of the
+  classification prompt (Transformer²'s first pass, by likelihood instead of parsing a generation), all
+  prompts × categories in one batched `calm_jax.scoring.score` call. With a chat template the prompt is the
+  user turn and the name the assistant's reply; without one the name follows the prompt (a trailing space of the
+  prompt moves to the front of the name).
+  per_token: rank by the mean log-likelihood per token of the name instead of its sum. calibrate: subtract each
+  name's log-likelihood after a content-free question ("N/A"), the model's prior for the name (contextual
+  calibration, Zhao et al. 2021), so a category the model favours whatever the question does not win them all."""
+  from calm_jax import scoring
+  from calm_jax.data import Record, encode_prompt, template_tokenizer
+  categories = list(categories)
+  chat = template_tokenizer(tokenizer, chat_template) is not None
+  rows, targets = [], []
+  names: dict[str, list] = {}
+  queries = list(prompts) + (["N/A"] if calibrate else [])
+  for p in queries:
+    text = category_prompt(template, p, categories, examples, example_template)
+    # "Answer: " + "math" is spelled "Answer:" + " math" by BPE tokenizers: the space goes to the name
+    sep = " " if not chat and text != text.rstrip() else ""
+    prefix = encode_prompt(Record(prompt=text.rstrip() if sep else text, answer="-", source="dispatch"), tokenizer,
+                           chat_template=chat_template, max_len=max_len)
+    if sep not in names:
+      names[sep] = [tokenizer.encode(sep + c) for c in categories]
+    for name in names[sep]:
+      rows.append(prefix + name)
+      targets.append([0] * len(prefix) + [1] * len(name))
+  total, count, _ = scoring.score(model, rows, targets, batch_size=batch_size, params=params)
+  ll = (total / np.maximum(count, 1) if per_token else total).reshape(len(queries), len(categories))
+  if calibrate:
+    ll = ll[:-1] - ll[-1:]
+  return [categories[i] for i in np.argmax(ll, axis=1)], ll

@@ -40,6 +40,9 @@ ROWS = (("svf", "svf", "objective", "experts"), ("svf_ntp", "svf", "ntp_objectiv
         ("lora", "lora", "lora_objective", "lora"))
 
 
+DATA_FILE_KEYS = ("train", "val", "test", "val_fraction", "seed", "format", "chat_template", "max_len", "fields")
+
+
 def expert_config(config, task: str, adapter: str, objective: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict(config.expert.to_dict())
   c.method = "svf_expert"
@@ -49,7 +52,9 @@ def expert_config(config, task: str, adapter: str, objective: str) -> ml_collect
   c.adapter = adapter
   c.objective = objective
   c.svf = ml_collections.ConfigDict(config.svf.to_dict())
-  c.data = ml_collections.ConfigDict(config.data.to_dict())
+  # The suite's experts keep the identity they had before the dataset-file keys existed (finished runs reuse).
+  c.data = ml_collections.ConfigDict({k: v for k, v in config.data.to_dict().items() if k not in DATA_FILE_KEYS})
+  del c.base
   c.classifier = ml_collections.ConfigDict(dict(sources={}, template=config.classifier.template))
   if task == Classify.name:
     labels = {label: [t] for label, t in dict(config.dispatch.labels).items()}

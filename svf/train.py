@@ -12,6 +12,7 @@ Only `SVFParam` trains (the base and its SVD factors are frozen). Objectives: "r
 `eval_every` steps the validation accuracy is measured and the best z is kept as
 DIR/expert.safetensors (with the base fingerprint, targets and f). Writes DIR/results.json
 ({"val_accuracy", "test_accuracy", "best_step", "params", "seconds"}).
+With `config.data.train` set, svf/on_files.py trains on dataset files of one's own instead.
 """
 from __future__ import annotations
 
@@ -71,9 +72,13 @@ def registry_for(config) -> dict:
 
 
 def load_svf_model(config, base_hf: Path, mesh=None) -> SVFModel:
-  """The base at `base_hf` with SVD factors of config.svf.targets (cached beside the base) and fresh z."""
+  """The base at `base_hf` with SVD factors of config.svf.targets and fresh z. The factors are cached (by the
+  base's fingerprint) beside the embedded base, and for a model of one's own (config.base) in the user cache
+  ($CALM_JAX_CACHE/svd), never in or beside the user's model directory."""
+  from calm_jax.fetch import default_cache
   base = hf.load(base_hf)
-  cache = config.svf.cache_dir or str(Path(base_hf).parent / "svd_cache")
+  cache = config.svf.cache_dir or str(default_cache() / "svd" if config.get("base") else
+                                      Path(base_hf).parent / "svd_cache")
   factors = cached_decompose(base.params(), config.svf.targets, cache, mesh=mesh,
                              algorithm=config.svf.svd_algorithm)
   return SVFModel(base, factors, f=config.svf.f, init=config.svf.init, noise=config.svf.noise,
@@ -130,6 +135,9 @@ def lora_params(m):
 
 @register_method("svf_expert")
 def run(config, workdir) -> dict:
+  if config.data.get("train"):  # a model and dataset files of one's own
+    from svf.on_files import run_on_files
+    return run_on_files(config, workdir)
   t0 = time.time()
   workdir = Path(workdir)
   lora = config.adapter == "lora"

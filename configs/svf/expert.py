@@ -5,6 +5,12 @@
   python -m launch.train --config=configs/svf/expert.py:task=addition,tiny --workdir=DIR   # seconds
 
 Writes DIR/expert.safetensors (best validation accuracy) and DIR/results.json.
+
+On a model and dataset files of one's own (svf/on_files.py): the metric is the validation score and,
+for REINFORCE, the reward (+1 when the sampled answer scores, -1 when not):
+
+  python -m launch.train --config=configs/svf/expert.py --config.base=smollm2-135m-instruct \
+      --config.data.train=train.jsonl --config.data.val=val.jsonl --config.eval.metric=exact --workdir=DIR
 """
 import ml_collections
 
@@ -24,7 +30,9 @@ def get_config(arg=None):
   # temperature 0 = greedy rollouts as in the official code; kl_coef λ (official runs: 0.1 / 0.3);
   # baseline: subtract the batch's mean reward; max_new_tokens 0 = the task's longest answer + eos.
   c.rl = ml_collections.ConfigDict(dict(temperature=1.0, kl_coef=0.0, baseline=False, max_new_tokens=0))
-  c.eval = ml_collections.ConfigDict(dict(n_val=100, n_test=200, batch_size=256, split="test"))
+  # metric / max_new_tokens: on dataset files (exact | number | choice; choice needs the ntp objective).
+  c.eval = ml_collections.ConfigDict(dict(n_val=100, n_test=200, batch_size=256, split="test", metric="exact",
+                                          max_new_tokens=64))
   c.eval_every = 10
   c.log_every = 10
   c.checkpoint.every = 50
