@@ -29,6 +29,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/generate.py
+	$(BIN)/python benchmarks/train_step.py --write
 
 clean:
 	rm -rf $(VENV) runs

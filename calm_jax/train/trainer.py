@@ -192,18 +192,8 @@ def _train(model, *, trainable, loss_fn, batch_fn, config, workdir: Path, frozen
   base_key = jax.random.key(int(config.seed))
   batch_sh = sharding.batch_sharding(mesh)
 
-  @functools.partial(jax.jit, donate_argnums=(0, 1), out_shardings=(t_sh, o_sh, None),
-                     in_shardings=(t_sh, o_sh, f_sh, batch_sh, None))
-  def step_fn(trainable, opt_state, frozen, batch, rng):
-    def loss_of(tr):
-      return loss_fn(nnx.merge(graphdef, tr, frozen), batch, rng)
-
-    (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
-    updates, opt_state = tx.update(grads, opt_state, trainable)
-    trainable = optax.apply_updates(trainable, updates)
-    nonfinite = sum(jnp.sum(~jnp.isfinite(x)) for x in jax.tree.leaves(trainable))
-    return trainable, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics,
-                                  NONFINITE: nonfinite}
+  step_fn = make_step(graphdef, tx, loss_fn, in_shardings=(t_sh, o_sh, f_sh, batch_sh, None),
+                      out_shardings=(t_sh, o_sh, None))
 
   writer = MetricWriter(workdir, tensorboard=config.tensorboard)
   log_every = int(config.log_every)
@@ -240,6 +230,27 @@ def _train(model, *, trainable, loss_fn, batch_fn, config, workdir: Path, frozen
 
 
 NONFINITE = "nonfinite_params"  # a step's NaN / Inf count over the updated trainable state
+
+
+def make_step(graphdef, tx, loss_fn: Callable, *, in_shardings=None, out_shardings=None):
+  """The jitted training step `(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, metrics)`:
+  value_and_grad of `loss_fn(model, batch, rng)` over the trainable state only, the optax update, and the
+  count of non-finite values in the result; the trainable and optimizer states are donated."""
+  kw = {} if in_shardings is None else dict(in_shardings=in_shardings, out_shardings=out_shardings)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1), **kw)
+  def step_fn(trainable, opt_state, frozen, batch, rng):
+    def loss_of(tr):
+      return loss_fn(nnx.merge(graphdef, tr, frozen), batch, rng)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    nonfinite = sum(jnp.sum(~jnp.isfinite(x)) for x in jax.tree.leaves(trainable))
+    return trainable, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics,
+                                  NONFINITE: nonfinite}
+
+  return step_fn
 
 
 class TrainConfigError(UserError):
