@@ -257,15 +257,16 @@ def run_on_files(config, workdir) -> dict:
       if s == "prompt":
         examples = dict(config.dispatch.examples) or {
             label: [prompt_text(r) for r in recs[:int(config.dispatch.shots)]] for label, recs in labelled.items()}
-        route, _ = score_categories(model.base, tokenizer, prompts, categories, template=config.dispatch.template,
-                                    examples=interleave_examples(examples),
+        route, _ = score_categories(model.base, tokenizer, prompts, categories,
+                                    template=config.dispatch.category_template, examples=interleave_examples(examples),
                                     example_template=config.dispatch.example_template,
                                     chat_template=config.dispatch.chat_template,
                                     per_token=bool(config.dispatch.per_token),
                                     calibrate=bool(config.dispatch.calibrate))
       else:
         # the paper's classification prompt; the character-level base's alphabet cannot spell it: its suite template
-        template = config.classifier.template if isinstance(tokenizer, CharTokenizer) else config.dispatch.template
+        template = (config.classifier.template if isinstance(tokenizer, CharTokenizer)
+                    else config.dispatch.category_template)
         path = config.classifier_expert or train_classifier(config, base_hf, labelled, categories,
                                                             workdir / "classifier", template)
         cls = model.adapted_params(attach_expert(model, path, config.allow_transfer))

@@ -253,7 +253,7 @@ def test_prompt_dispatch_on_smollm2(smollm2_dir):
   dispatch = get_config().dispatch
   acc = {}
   for name, ex in (("few", interleave_examples(DISPATCH_SHOTS)), ("zero", ())):
-    got, ll = score_categories(model, tok, prompts, cats, template=dispatch.template, examples=ex,
+    got, ll = score_categories(model, tok, prompts, cats, template=dispatch.category_template, examples=ex,
                                example_template=dispatch.example_template, chat_template=dispatch.chat_template,
                                per_token=dispatch.per_token, calibrate=dispatch.calibrate)
     assert ll.shape == (len(prompts), len(cats)) and np.all(np.isfinite(ll))

@@ -57,14 +57,14 @@ def add_adapt(c, a):
   # and its echo's leading tag is the label. An instruction-following checkpoint takes a real
   # classification prompt with {prompt}. The classification expert sees the whole prompt.
   c.dispatch = ml_collections.ConfigDict(dict(template="copy:{head}=", head_chars=3, labels=dict(LABELS)))
-  # On dataset files (config.data.test): experts {label: expert file}, and the
-  # paper's classification prompt, each category name scored by log-likelihood (svf.dispatch.score_categories).
+  # On dataset files (config.data.test): experts {label: expert file}, and `category_template`, the paper's
+  # classification prompt, each category name scored by log-likelihood (svf.dispatch.score_categories).
   # shots: labelled examples per category from the experts' train files, unless `examples` ({label: [prompt]},
   # "other" included) gives them; per_token: rank by mean log-likelihood per token instead of the sum;
   # chat_template False: SmolLM2-135M-Instruct measured 95 % with four examples per category as plain text, 25 %
   # through its chat template (docs/svf.md); calibrate: subtract each name's log-likelihood after "N/A".
   c.strategies = ("prompt", "classifier", "cem")  # a tuple: settable on the command line
-  c.dispatch.update(template=DISPATCH_TEMPLATE, example_template=EXAMPLE_TEMPLATE, shots=4, examples={},
+  c.dispatch.update(category_template=DISPATCH_TEMPLATE, example_template=EXAMPLE_TEMPLATE, shots=4, examples={},
                     chat_template=False, per_token=False, calibrate=False)
   c.classifier = ml_collections.ConfigDict(dict(
       sources={}, template="cls:{prompt}=",  # the synthetic suite's classification task
