@@ -62,6 +62,17 @@ def classifier_route(classifier, num_layers: int) -> RouteFn:
   return fn
 
 
+def label_free_routes(base: Decoder, spec: LoRASpec, experts, routers, classifier=None) -> dict[str, RouteFn]:
+  """Every routing mode a table reports: the routers' "layer" / "vote" / "last" (no labels), the oracle (the
+  label picks the expert) and, given one, the separate classifier."""
+  L = base.config.num_layers
+  routes = {f"moa_{m}": moa_route(base, spec, experts, routers, m) for m in ("layer", "vote", "last")}
+  routes["oracle"] = label_route(L)
+  if classifier is not None:
+    routes["classifier"] = classifier_route(classifier, L)
+  return routes
+
+
 def routed_accuracy(base: Decoder, spec: LoRASpec, experts, route_fn: RouteFn, tokenizer, domains, *,
                     n_per_task: int, split: str = "test", batch_size: int = 256, registry=None,
                     eval_domains=None) -> dict[str, float]:

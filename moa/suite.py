@@ -138,7 +138,6 @@ def run(config, workdir) -> dict:
 
   base = hf.load(base_hf)
   experts, spec, _ = load_experts(paths, base.params())
-  L = base.config.num_layers
 
   # 3. MoA stage 2, and the from-scratch ablation.
   t = time.time()
@@ -153,13 +152,7 @@ def run(config, workdir) -> dict:
   # 6. scores.
   t = time.time()
   m_experts, m_routers = moa.factors(), moa.routers()
-  routes = {
-      "moa_layer": E.moa_route(base, spec, m_experts, m_routers, "layer"),
-      "moa_vote": E.moa_route(base, spec, m_experts, m_routers, "vote"),
-      "moa_last": E.moa_route(base, spec, m_experts, m_routers, "last"),
-      "oracle": E.label_route(L),
-      "classifier": E.classifier_route(clf, L),
-  }
+  routes = E.label_free_routes(base, spec, m_experts, m_routers, clf)
   per_domain, perplexity = {}, {}
   for mode, fn in routes.items():
     per_domain[mode], perplexity[mode] = score(base, spec, m_experts, fn, tokenizer, domains, ev, registry)

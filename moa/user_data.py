@@ -163,7 +163,6 @@ def run_on_files(config, workdir) -> dict:
 
   base = hf.load(base_hf)
   experts, spec, _ = load_experts(paths, base.params())
-  L = base.config.num_layers
   t = time.time()
   moa = train_moa(base_hf, spec, experts, None, domains, config.moa, config.moa.gamma, config.moa.train_experts,
                   workdir / "moa", tokenizer, None, seed,
@@ -176,10 +175,7 @@ def run_on_files(config, workdir) -> dict:
 
   t = time.time()
   m_experts, m_routers = moa.factors(), moa.routers()
-  routes = {"moa_layer": E.moa_route(base, spec, m_experts, m_routers, "layer"),
-            "moa_vote": E.moa_route(base, spec, m_experts, m_routers, "vote"),
-            "moa_last": E.moa_route(base, spec, m_experts, m_routers, "last"),
-            "oracle": E.label_route(L), "classifier": E.classifier_route(clf, L)}
+  routes = E.label_free_routes(base, spec, m_experts, m_routers, clf)
   kw = dict(chat_template=config.data.chat_template, max_len=int(config.data.max_len),
             max_new_tokens=int(ev.max_new_tokens), batch_size=int(ev.batch_size))
   score = lambda model, d, **k: score_records(model, tokenizer, data.val[d], ev.metric, **kw, **k)[0]["accuracy"]
