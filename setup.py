@@ -39,7 +39,9 @@ setup(
         # Peers: transformers (PyTorch) is the numeric reference, mergekit the merge reference,
         # peft the LoRA reference, calm-pytorch the CALM throughput reference.
         "test": [TORCH, "pytest", "pytest-timeout", "pytest-xdist", "accelerate", "mergekit", "peft", "psutil", "gguf",
-                 "lm-eval>=0.4.13"],
+                 "lm-eval>=0.4.13",
+                 # notebooks/ run headless in SMOKE mode (tests/notebook_exec.py)
+                 "nbclient", "nbformat", "ipykernel"],
         "bench": [TORCH, "accelerate", "psutil", "mergekit", "peft", "calm-pytorch", "gguf"],
     },
 )

@@ -84,17 +84,17 @@ def write_results(workdir, results: dict) -> Path:
 
 
 def bar_chart(path, groups: dict[str, dict[str, float]], title: str, ylabel: str = "accuracy") -> Path:
-  """Grouped bar chart: groups = {series: {category: value}}, saved as PNG."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  """Grouped bar chart: groups = {series: {category: value}}, saved as PNG. Drawn on a bare Figure, not
+  pyplot, so that a run inside a notebook leaves the session's plotting backend alone."""
   import numpy as np
+  from matplotlib.figure import Figure
 
   series = list(groups)
   cats = sorted({c for g in groups.values() for c in g})
   x = np.arange(len(cats))
   w = 0.8 / max(len(series), 1)
-  fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(cats) + 2), 4))
+  fig = Figure(figsize=(max(6, 0.9 * len(cats) + 2), 4))
+  ax = fig.add_subplot()
   for i, s in enumerate(series):
     ax.bar(x + i * w - 0.4 + w / 2, [groups[s].get(c, 0.0) for c in cats], w, label=s)
   ax.set_xticks(x, cats, rotation=30, ha="right")
@@ -106,7 +106,6 @@ def bar_chart(path, groups: dict[str, dict[str, float]], title: str, ylabel: str
   fig.tight_layout()
   path = Path(path)
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return path
 
 

@@ -407,3 +407,21 @@ def load_adapter(path, base_params=None, *, rank: int | None = None, cfg: Decode
   if cfg is not None:
     check_lora(cfg, spec, lora)
   return lora, spec, meta
+
+
+def merge_adapter_dir(base, adapter, out_dir, *, expert: int | None = None, dtype: str | None = None) -> Path:
+  """The HF directory `out_dir` = base model + one adapter folded into the weights (PEFT's
+  `merge_and_unload`): `base` a model name or directory, `adapter` ours (adapter_config.json with a base
+  fingerprint, checked) or a PEFT LoRA directory. Tokenizer and generation files come from the base;
+  the output is written beside, never over, either input."""
+  from calm_jax import hub
+  from calm_jax.peft_format import is_peft_dir, load_peft
+
+  base_dir = hub.model_dir(base)
+  cfg, params = hf.load_params(base_dir)
+  if is_peft_dir(adapter):
+    factors, spec, _ = load_peft(adapter, cfg)
+  else:
+    factors, spec, _ = load_adapter(adapter, params, cfg=cfg)
+  return hf.save_params(cfg, jax.device_get(merge_lora(cfg, params, factors, spec.scale, expert)), out_dir,
+                        copy_from=base_dir, dtype=dtype)

@@ -179,3 +179,30 @@ def test_peft_adapters_of_different_targets_ranks_and_alphas_become_one_expert_s
     theirs = _peft_logits(hf_zoo.build("llama_gqa"), d, ids)
     print(f"expert {row}: max |ours - peft| {np.abs(ours[row] - theirs[row]).max():.2e}")
     assert np.abs(ours[row] - theirs[row]).max() <= TOL
+
+
+def test_merge_lora_folds_a_peft_adapter_as_peft_merge_and_unload_does(zoo_saved, tmp_path):
+  """`launch.merge_lora` on a PEFT adapter: the written HF directory, loaded by transformers, gives the
+  logits of peft's own `merge_and_unload`; an existing output is refused and left as it was."""
+  from calm_jax.errors import UserError
+  from calm_jax.lora import merge_adapter_dir
+
+  torch_model, path = zoo_saved("llama_gqa")
+  model = hf.load(path)
+  spec = LoRASpec.create(model.config, "layers/(q|v|down)", rank=4, alpha=8.0)
+  adapter = save_peft(tmp_path / "peft", _random_lora(model.config, spec, 3), spec, model.config,
+                      base_model=str(path))
+  out = merge_adapter_dir(path, adapter, tmp_path / "merged")
+  ids = hf_zoo.input_ids(batch=2)
+  reference = peft.PeftModel.from_pretrained(hf_zoo.build("llama_gqa"), str(adapter)).merge_and_unload().eval()
+  from transformers import AutoModelForCausalLM
+  ours = AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+  with torch.no_grad():
+    want = reference(torch.as_tensor(np.asarray(ids))).logits.numpy()
+    got = ours(torch.as_tensor(np.asarray(ids))).logits.numpy()
+  assert np.abs(want - hf_zoo.torch_logits(torch_model, ids)).max() > 0.1  # the adapter changes the model
+  assert np.abs(got - want).max() <= TOL
+  before = sorted(p.name for p in out.iterdir())
+  with pytest.raises((UserError, FileExistsError)):
+    merge_adapter_dir(path, adapter, out)
+  assert sorted(p.name for p in out.iterdir()) == before
