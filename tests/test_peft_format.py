@@ -181,6 +181,7 @@ def test_peft_adapters_of_different_targets_ranks_and_alphas_become_one_expert_s
     assert np.abs(ours[row] - theirs[row]).max() <= TOL
 
 
+@pytest.mark.slow
 def test_merge_lora_folds_a_peft_adapter_as_peft_merge_and_unload_does(zoo_saved, tmp_path):
   """`launch.merge_lora` on a PEFT adapter: the written HF directory, loaded by transformers, gives the
   logits of peft's own `merge_and_unload`; an existing output is refused and left as it was."""
