@@ -127,6 +127,7 @@ def max_diff(a_dir, b_dir):
   return max(float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) for k in a)
 
 
+@pytest.mark.slow  # tens of seconds: kept out of `make test-fast`
 def test_cli_runs_under_the_tuned_allocator(merged):
   """`python -m launch.merge` re-executes itself under calm_jax.malloc.TUNED (glibc Linux), so its
   merge keeps freed buffers for reuse (low_memory unset -> False); the report says so."""

@@ -351,6 +351,7 @@ def char_base_dir(tmp_path_factory):
   return root
 
 
+@pytest.mark.slow  # tens of seconds: kept out of `make test-fast`
 @pytest.mark.parametrize("objective", ["reinforce", "ntp"])
 def test_expert_training_updates_only_z(char_base_dir, tmp_path, objective):
   import orbax.checkpoint as ocp

@@ -117,6 +117,7 @@ def test_frozen_regex_keeps_matching_params(tmp_path):
   assert not np.array_equal(before["embed"], after["embed"])
 
 
+@pytest.mark.slow  # tens of seconds: kept out of `make test-fast`
 def test_sharded_step_matches_one_device(tmp_path):
   c = tiny_config(steps=3)
   batch_fn = batches(c)
