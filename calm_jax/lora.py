@@ -275,10 +275,10 @@ def merge_lora(cfg: DecoderConfig, params, lora, scale: float, expert: int | Non
 
 
 def save_merged(cfg: DecoderConfig, params, lora, scale: float, out_dir, *, expert: int | None = None,
-                copy_from=None, overwrite: bool = False) -> Path:
+                copy_from=None, overwrite: bool = False, dtype: str | None = None) -> Path:
   """Merge one adapter into the base and write an HF checkpoint (loads in transformers)."""
   return hf.save_params(cfg, jax.device_get(merge_lora(cfg, params, lora, scale, expert)), out_dir,
-                        copy_from=copy_from, overwrite=overwrite)
+                        copy_from=copy_from, overwrite=overwrite, dtype=dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "hooks"))
@@ -423,5 +423,4 @@ def merge_adapter_dir(base, adapter, out_dir, *, expert: int | None = None, dtyp
     factors, spec, _ = load_peft(adapter, cfg)
   else:
     factors, spec, _ = load_adapter(adapter, params, cfg=cfg)
-  return hf.save_params(cfg, jax.device_get(merge_lora(cfg, params, factors, spec.scale, expert)), out_dir,
-                        copy_from=base_dir, dtype=dtype)
+  return save_merged(cfg, params, factors, spec.scale, out_dir, expert=expert, copy_from=base_dir, dtype=dtype)
